@@ -1,0 +1,42 @@
+# meshware's two front doors: `make demo` (the sample mesh) and `make test` (everything CI runs).
+# Both create .venv and install what they need; nothing has to be installed by hand.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo demo-stop test lint typecheck unit docs wheel-check system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev,fastapi,flask,django]'
+	touch $(STAMP)
+
+system-deps:
+	@bash scripts/system-deps.sh
+
+demo: $(STAMP)
+	$(BIN)/python -m sample_services.mini_mesh
+
+test: $(STAMP) system-deps lint typecheck unit docs wheel-check
+
+lint: $(STAMP)
+	$(BIN)/ruff check meshware plugins sample_services tests bench
+	$(BIN)/ruff format --check meshware plugins sample_services tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
+
+wheel-check: $(STAMP)
+	@bash scripts/wheel-check.sh $(BIN)/python
+
+clean:
+	rm -rf $(VENV) dist build site .pytest_cache .mypy_cache .ruff_cache

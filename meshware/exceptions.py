@@ -1,0 +1,64 @@
+"""Every error meshware raises, in one hierarchy.
+
+::
+
+    MeshwareError
+    ├── ConfigurationError          a bad setting, policy, file or argument (operator's mistake)
+    │   └── InvalidSpiffeId         a SPIFFE id that breaks a rule of the SPIFFE-ID spec
+    ├── IdentityError               a peer identity could not be established
+    │   ├── CertificateRejected     a peer certificate failed verification
+    │   └── InvalidXfcc             a malformed x-forwarded-client-cert header
+    └── (outbound errors subclass httpx.TransportError as well; see meshware.outbound)
+
+Errors carry the facts a person needs to fix the problem: which field, which value,
+what was expected. They are raised with ``raise ... from exc`` so the cause stays visible.
+"""
+
+from __future__ import annotations
+
+
+class MeshwareError(Exception):
+    """Base class of every error meshware raises."""
+
+
+class ConfigurationError(MeshwareError, ValueError):
+    """A setting, policy, file or argument is invalid.
+
+    ``field`` names the setting (a dotted path where nested) and ``value`` the offending
+    value, so that the message and programs that catch the error can both point at it.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, value: object = None) -> None:
+        self.field = field
+        self.value = value
+        if field is not None:
+            message = f"{field}: {message}"
+        super().__init__(message)
+
+
+class InvalidSpiffeId(ConfigurationError):
+    """A SPIFFE id string breaks a rule of the SPIFFE-ID specification.
+
+    ``rule`` is a short stable name of the broken rule (for example ``"trust-domain-chars"``).
+    """
+
+    def __init__(self, value: str, rule: str, detail: str) -> None:
+        self.rule = rule
+        shown = value if len(value) <= 120 else value[:117] + "..."
+        super().__init__(f"invalid SPIFFE id {shown!r}: {detail} [{rule}]", value=value)
+
+
+class IdentityError(MeshwareError):
+    """A peer identity could not be established."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class CertificateRejected(IdentityError):
+    """A peer certificate failed verification. ``reason`` is a stable short code."""
+
+
+class InvalidXfcc(IdentityError):
+    """An ``x-forwarded-client-cert`` header is malformed or too large."""

@@ -1,0 +1,1 @@
+"""Pure-ASGI inbound middlewares."""

@@ -1,0 +1,1 @@
+"""WSGI inbound middlewares (same names and arguments as meshware.inbound.asgi)."""

@@ -1,0 +1,275 @@
+"""A structured access log: one JSON line per request on the ``meshware.access`` logger.
+
+Each line is a single JSON encoding of one dict; what the inner layers noted in the request's
+``RequestRecord`` (caller, authorization, rate limit) rides along. Writing the line
+never raises into the request: a failing handler or an unserialisable field is reported once
+on the ``meshware.telemetry`` logger and otherwise ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from meshware.exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from meshware.inbound.record import RequestRecord
+
+__all__ = ["ACCESS_LOGGER", "AccessLog", "clean_text", "rfc3339_ms"]
+
+ACCESS_LOGGER: Final = "meshware.access"
+"""Name of the logger the access log writes to by default."""
+
+_CONTROL: Final = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_ENCODE: Final = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_internal_log = logging.getLogger("meshware.telemetry")
+_second_cache: tuple[int, str] = (-1, "")
+
+
+def rfc3339_ms(timestamp: float) -> str:
+    """Format a POSIX timestamp as RFC 3339 UTC with milliseconds: ``2024-05-01T12:00:00.123Z``."""
+    global _second_cache
+    millis = int(timestamp * 1000)
+    second, ms = divmod(millis, 1000)
+    cached_second, prefix = _second_cache
+    if second != cached_second:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second_cache = (second, prefix)
+    return f"{prefix}.{ms:03d}Z"
+
+
+def clean_text(value: str, limit: int) -> str:
+    """Truncate ``value`` to ``limit`` characters, then escape control characters as ``\\xNN``.
+
+    Escaping keeps a hostile path or user agent from forging log lines or driving a terminal.
+    """
+    if len(value) > limit:
+        value = value[:limit]
+    if not value.isprintable():
+        value = value.translate(_CONTROL)
+    return value
+
+
+class AccessLog:
+    """Writes one JSON line per request.
+
+    The fields, in order: ``time`` (request start, RFC 3339 UTC with milliseconds),
+    ``method``, ``route`` (template or ``null``), ``path`` (the raw path as received, without
+    the query), ``status``, ``duration_ms``, ``bytes_in``, ``bytes_out``, ``source_principal``,
+    ``request_principal``, ``request_id``, ``trace_id``, ``authz`` (the decision),
+    ``authz_policy``, ``authz_reason``, ``authz_dry_run``, ``ratelimit``, ``identity_error``,
+    ``user_agent``, then any fields inner layers put in ``RequestRecord.extra``. Absent values
+    are ``null``.
+
+    Args:
+        logger: the logger (or its name) to write to.
+        handler: where the lines go. ``"auto"`` (the default) adds a stderr handler that
+            writes the bare JSON line, and stops propagation to the root logger, when logging
+            has not been configured (neither the logger nor its ancestors have handlers);
+            otherwise the lines go to the configured handlers. A ``logging.Handler`` is added
+            to the logger as is. ``None`` leaves the logger's configuration untouched.
+        level: the level of the records; the logger's level is set to it when it has none
+            (unless ``handler`` is ``None``).
+        max_path_length: the path is truncated to this many characters.
+        max_user_agent_length: the user agent is truncated to this many characters.
+        wall_clock: the clock of the ``time`` field (POSIX seconds), for tests.
+
+    Raises:
+        ConfigurationError: an argument has the wrong type or is out of range.
+
+    The record of each line also carries the fields as a dict in its ``meshware_access``
+    attribute, for handlers that format records themselves.
+    """
+
+    __slots__ = ("_failed", "_level", "_logger", "_max_path", "_max_user_agent", "now")
+
+    def __init__(
+        self,
+        logger: logging.Logger | str = ACCESS_LOGGER,
+        *,
+        handler: logging.Handler | Literal["auto"] | None = "auto",
+        level: int = logging.INFO,
+        max_path_length: int = 1024,
+        max_user_agent_length: int = 256,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if isinstance(logger, str):
+            logger = logging.getLogger(logger)
+        elif not isinstance(logger, logging.Logger):
+            raise ConfigurationError(
+                "expected a logging.Logger or a logger name",
+                field="access_log.logger",
+                value=logger,
+            )
+        if isinstance(level, bool) or not isinstance(level, int) or level <= 0:
+            raise ConfigurationError(
+                "expected a logging level above NOTSET", field="access_log.level", value=level
+            )
+        for field, value in (
+            ("access_log.max_path_length", max_path_length),
+            ("access_log.max_user_agent_length", max_user_agent_length),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError("expected a positive integer", field=field, value=value)
+        if handler == "auto":
+            if not logger.hasHandlers():
+                stream = logging.StreamHandler(sys.stderr)
+                stream.setFormatter(logging.Formatter("%(message)s"))
+                logger.addHandler(stream)
+                logger.propagate = False
+        elif isinstance(handler, logging.Handler):
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+        elif handler is not None:
+            raise ConfigurationError(
+                'expected "auto", a logging.Handler or None',
+                field="access_log.handler",
+                value=handler,
+            )
+        if handler is not None and logger.level == logging.NOTSET:
+            logger.setLevel(level)
+        self._logger = logger
+        self._level = level
+        self._max_path = max_path_length
+        self._max_user_agent = max_user_agent_length
+        self._failed = False
+        self.now = wall_clock
+        """The wall clock the shells read a request's start time from."""
+
+    @property
+    def logger(self) -> logging.Logger:
+        """The logger the lines are written to."""
+        return self._logger
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a line written now would reach a handler (the logger's level allows it)."""
+        return self._logger.isEnabledFor(self._level)
+
+    def fields(
+        self,
+        *,
+        start_time: float,
+        method: str,
+        route: str | None,
+        path: str,
+        status: int,
+        duration_ms: float,
+        bytes_in: int,
+        bytes_out: int,
+        record: RequestRecord | None,
+        trace_id: str | None,
+        user_agent: str | None,
+    ) -> dict[str, Any]:
+        """The fields of one line as a dict (see the class docstring for their meaning).
+
+        Args:
+            start_time: when the request arrived, as a POSIX timestamp (``time.time()``).
+            method: the request method.
+            route: the route template, or ``None``.
+            path: the raw request path, without the query.
+            status: the response status code (``0`` when no response was sent).
+            duration_ms: how long the request took, in milliseconds.
+            bytes_in: the request body's size in bytes.
+            bytes_out: the response body's size in bytes.
+            record: what the inner layers noted about the request.
+            trace_id: the request's trace id (32 hex digits), or ``None``.
+            user_agent: the ``User-Agent`` header, or ``None``.
+        """
+        identity = None if record is None else record.identity
+        line: dict[str, Any] = {
+            "time": rfc3339_ms(start_time),
+            "method": clean_text(method, 32),
+            "route": route,
+            "path": clean_text(path, self._max_path),
+            "status": status,
+            "duration_ms": round(duration_ms, 3),
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            "source_principal": None if identity is None else identity.principal,
+            "request_principal": None,
+            "request_id": None,
+            "trace_id": trace_id,
+            "authz": None,
+            "authz_policy": None,
+            "authz_reason": None,
+            "authz_dry_run": None,
+            "ratelimit": None,
+            "identity_error": None,
+            "user_agent": None
+            if user_agent is None
+            else clean_text(user_agent, self._max_user_agent),
+        }
+        if record is not None:
+            line["request_principal"] = record.request_principal
+            line["request_id"] = record.request_id
+            line["authz"] = record.authz_decision
+            line["authz_policy"] = record.authz_policy
+            line["authz_reason"] = record.authz_reason
+            line["authz_dry_run"] = record.authz_dry_run
+            line["ratelimit"] = record.ratelimit
+            line["identity_error"] = record.identity_error
+            if record.extra:
+                for key, value in record.extra.items():
+                    line.setdefault(str(key), value)
+        return line
+
+    def format(self, **fields: Any) -> str:
+        """The JSON line for a request; takes the arguments of :meth:`fields`."""
+        return _ENCODE(self.fields(**fields))
+
+    def emit(
+        self,
+        *,
+        start_time: float,
+        method: str,
+        route: str | None,
+        path: str,
+        status: int,
+        duration_ms: float,
+        bytes_in: int,
+        bytes_out: int,
+        record: RequestRecord | None,
+        trace_id: str | None,
+        user_agent: str | None,
+    ) -> None:
+        """Write the line of one request; takes the arguments of :meth:`fields`. Never raises."""
+        logger = self._logger
+        if not logger.isEnabledFor(self._level):
+            return
+        try:
+            fields = self.fields(
+                start_time=start_time,
+                method=method,
+                route=route,
+                path=path,
+                status=status,
+                duration_ms=duration_ms,
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
+                record=record,
+                trace_id=trace_id,
+                user_agent=user_agent,
+            )
+            line = _ENCODE(fields)
+            # makeRecord + handle skips the caller lookup that logger.info() does per call.
+            log_record = logger.makeRecord(
+                logger.name,
+                self._level,
+                "(access log)",
+                0,
+                line,
+                (),
+                None,
+                extra={"meshware_access": fields},
+            )
+            logger.handle(log_record)
+        except Exception:
+            if not self._failed:
+                self._failed = True
+                _internal_log.warning("could not write an access log line", exc_info=True)

@@ -1,0 +1,420 @@
+"""OpenTelemetry tracing: configuration, propagation, and the inbound server span.
+
+``configure_tracing(TracingConfig(...))`` builds a ``TracerProvider`` (parent-based ratio
+sampling, a batch span processor for the chosen exporter) and returns it without touching
+OpenTelemetry's globals unless asked to. ``build_propagator()`` makes the composite propagator
+that continues a caller's trace from W3C ``traceparent`` or B3 (single ``b3`` header or the
+``x-b3-*`` headers). ``ServerSpans`` is the sans-I/O core the inbound telemetry shells use to
+start and finish the server span of each request.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.propagate import get_global_textmap
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import Getter, TextMapPropagator, default_getter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from meshware.__about__ import __version__
+from meshware.exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from meshware.inbound.record import RequestRecord
+
+__all__ = [
+    "ATTR_AUTHZ_DECISION",
+    "ATTR_AUTHZ_POLICY",
+    "ATTR_RATELIMIT",
+    "ATTR_REQUEST_ID",
+    "ATTR_REQUEST_PRINCIPAL",
+    "ATTR_SOURCE_PRINCIPAL",
+    "PROPAGATOR_NAMES",
+    "ExporterName",
+    "ServerSpans",
+    "TracingConfig",
+    "build_propagator",
+    "configure_tracing",
+    "format_trace_id",
+]
+
+ExporterName = Literal["none", "console", "otlp"]
+"""Where finished spans go: nowhere, stdout, or an OTLP/HTTP collector."""
+
+PROPAGATOR_NAMES: Final = frozenset({"tracecontext", "baggage", "b3", "b3multi"})
+"""Propagator names, as in ``OTEL_PROPAGATORS``: ``b3`` injects the single ``b3`` header,
+``b3multi`` the ``x-b3-*`` headers; both extract either form."""
+
+ATTR_SOURCE_PRINCIPAL: Final = "meshware.source.principal"
+ATTR_REQUEST_PRINCIPAL: Final = "meshware.request.principal"
+ATTR_AUTHZ_DECISION: Final = "meshware.authz.decision"
+ATTR_AUTHZ_POLICY: Final = "meshware.authz.policy"
+ATTR_RATELIMIT: Final = "meshware.ratelimit"
+ATTR_REQUEST_ID: Final = "meshware.request_id"
+
+_EXPORTERS: Final = ("none", "console", "otlp")
+_HTTP_METHODS: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+_ROOT: Final = Context()
+_INVALID_TRACE_ID: Final = trace.INVALID_TRACE_ID
+
+CarrierT = TypeVar("CarrierT")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TracingConfig:
+    """How a service traces its requests.
+
+    Attributes:
+        service_name: the ``service.name`` resource attribute of every span.
+        sampler_ratio: the share of new traces to record, from 0 to 1. Sampling is parent
+            based: a request whose caller sampled (or did not sample) its trace follows the
+            caller's choice; only traces that start here are sampled at this ratio.
+        exporter: ``"none"`` (spans are created for propagation but not exported),
+            ``"console"`` (printed to stdout) or ``"otlp"`` (OTLP over HTTP/protobuf).
+        otlp_endpoint: the collector's URL for ``exporter="otlp"``, e.g.
+            ``"http://otel-collector:4318"``; ``/v1/traces`` is appended when the URL has no
+            path. ``None`` leaves it to ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` /
+            ``OTEL_EXPORTER_OTLP_ENDPOINT`` (default ``http://localhost:4318/v1/traces``).
+        propagators: the trace-context formats to read from requests and write to outbound
+            calls, from :data:`PROPAGATOR_NAMES`; a list is accepted and stored as a tuple.
+
+    Raises:
+        ConfigurationError: a field is out of range or not one of the listed names.
+    """
+
+    service_name: str
+    sampler_ratio: float = 0.01
+    exporter: ExporterName = "none"
+    otlp_endpoint: str | None = None
+    propagators: tuple[str, ...] = ("tracecontext", "baggage", "b3")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.service_name, str) or not self.service_name.strip():
+            raise ConfigurationError(
+                "expected a non-empty service name",
+                field="tracing.service_name",
+                value=self.service_name,
+            )
+        ratio = self.sampler_ratio
+        if (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, (int, float))
+            or not math.isfinite(ratio)
+            or not 0.0 <= ratio <= 1.0
+        ):
+            raise ConfigurationError(
+                "expected a number from 0 to 1", field="tracing.sampler_ratio", value=ratio
+            )
+        if self.exporter not in _EXPORTERS:
+            raise ConfigurationError(
+                'expected "none", "console" or "otlp"',
+                field="tracing.exporter",
+                value=self.exporter,
+            )
+        if self.otlp_endpoint is not None:
+            if self.exporter != "otlp":
+                raise ConfigurationError(
+                    'is only used with exporter="otlp"',
+                    field="tracing.otlp_endpoint",
+                    value=self.otlp_endpoint,
+                )
+            try:
+                parts = (
+                    urlsplit(self.otlp_endpoint) if isinstance(self.otlp_endpoint, str) else None
+                )
+            except ValueError:
+                parts = None
+            if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ConfigurationError(
+                    "expected an http:// or https:// URL",
+                    field="tracing.otlp_endpoint",
+                    value=self.otlp_endpoint,
+                )
+        names = self.propagators
+        if isinstance(names, str) or not isinstance(names, Sequence):
+            raise ConfigurationError(
+                "expected a sequence of propagator names",
+                field="tracing.propagators",
+                value=names,
+            )
+        for name in names:
+            if name not in PROPAGATOR_NAMES:
+                raise ConfigurationError(
+                    f"unknown propagator {name!r} (expected some of "
+                    f"{', '.join(sorted(PROPAGATOR_NAMES))})",
+                    field="tracing.propagators",
+                    value=names,
+                )
+        if len(set(names)) != len(names):
+            raise ConfigurationError(
+                "a propagator is listed twice", field="tracing.propagators", value=names
+            )
+        if not isinstance(names, tuple):
+            object.__setattr__(self, "propagators", tuple(names))
+
+    @property
+    def traces_endpoint(self) -> str | None:
+        """The OTLP traces URL the exporter posts to, or ``None`` to use the environment."""
+        if self.otlp_endpoint is None:
+            return None
+        if urlsplit(self.otlp_endpoint).path in ("", "/"):
+            return self.otlp_endpoint.rstrip("/") + "/v1/traces"
+        return self.otlp_endpoint
+
+
+class _MeshPropagator(CompositePropagator):
+    """A composite propagator whose first format with a valid trace context wins.
+
+    OpenTelemetry's ``CompositePropagator`` lets the last member overwrite the trace context;
+    here the order of the names is their precedence, so ``("tracecontext", "baggage", "b3")``
+    prefers ``traceparent`` when a request carries both.
+    """
+
+    def __init__(self, propagators: Sequence[TextMapPropagator]) -> None:
+        super().__init__(propagators)
+        self._members = tuple(propagators)
+
+    def extract(
+        self,
+        carrier: CarrierT,
+        context: Context | None = None,
+        getter: Getter[CarrierT] = default_getter,
+    ) -> Context:
+        first: trace.Span | None = None
+        for propagator in self._members:
+            context = propagator.extract(carrier, context, getter)
+            if first is None:
+                span = trace.get_current_span(context)
+                if span.get_span_context().is_valid:
+                    first = span
+        if first is not None and context is not None:
+            context = trace.set_span_in_context(first, context)
+        return context if context is not None else Context()
+
+
+def build_propagator(names: Sequence[str] = ("tracecontext", "baggage", "b3")) -> TextMapPropagator:
+    """Build the composite propagator of the named formats (see :data:`PROPAGATOR_NAMES`).
+
+    Extraction reads every format; when several carry a trace context, the first in ``names``
+    wins. The B3 formats read both the single ``b3`` header and the ``x-b3-*`` headers.
+    Injection writes every format.
+
+    Raises:
+        ConfigurationError: a name is unknown, or B3 is asked for and the
+            ``opentelemetry-propagator-b3`` package is not installed.
+    """
+    members: list[TextMapPropagator] = []
+    for name in names:
+        if name == "tracecontext":
+            from opentelemetry.trace.propagation.tracecontext import (
+                TraceContextTextMapPropagator,
+            )
+
+            members.append(TraceContextTextMapPropagator())
+        elif name == "baggage":
+            from opentelemetry.baggage.propagation import W3CBaggagePropagator
+
+            members.append(W3CBaggagePropagator())
+        elif name in ("b3", "b3multi"):
+            try:
+                from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
+            except ImportError as exc:
+                raise ConfigurationError(
+                    "B3 propagation needs the opentelemetry-propagator-b3 package",
+                    field="tracing.propagators",
+                    value=tuple(names),
+                ) from exc
+            members.append(B3SingleFormat() if name == "b3" else B3MultiFormat())
+        else:
+            raise ConfigurationError(
+                f"unknown propagator {name!r}", field="tracing.propagators", value=tuple(names)
+            )
+    return _MeshPropagator(members)
+
+
+def configure_tracing(config: TracingConfig, *, set_global: bool = False) -> TracerProvider:
+    """Build the ``TracerProvider`` that ``config`` describes.
+
+    The provider samples with ``ParentBased(TraceIdRatioBased(config.sampler_ratio))`` and,
+    unless the exporter is ``"none"``, exports through a ``BatchSpanProcessor``. Pass it to the
+    telemetry middleware's ``tracer_provider`` argument; call ``provider.shutdown()`` at exit
+    to flush the last spans.
+
+    Args:
+        config: the tracing configuration.
+        set_global: also install the provider and the configured propagator as
+            OpenTelemetry's global ones (so other instrumentation and outbound calls use them).
+            Nothing global changes otherwise.
+
+    Raises:
+        ConfigurationError: ``config`` is not a :class:`TracingConfig`, or its propagators
+            cannot be built.
+    """
+    if not isinstance(config, TracingConfig):
+        raise ConfigurationError("expected a TracingConfig", field="tracing", value=config)
+    propagator = build_propagator(config.propagators)
+    provider = TracerProvider(
+        sampler=ParentBased(TraceIdRatioBased(config.sampler_ratio)),
+        resource=Resource.create({"service.name": config.service_name}),
+    )
+    if config.exporter != "none":
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+
+        exporter: SpanExporter
+        if config.exporter == "console":
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            exporter = ConsoleSpanExporter(service_name=config.service_name)
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(endpoint=config.traces_endpoint)
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    if set_global:
+        from opentelemetry.propagate import set_global_textmap
+
+        trace.set_tracer_provider(provider)
+        set_global_textmap(propagator)
+    return provider
+
+
+def format_trace_id(trace_id: int) -> str | None:
+    """A trace id as 32 lower-case hex digits, or ``None`` for the invalid id 0."""
+    return None if trace_id == _INVALID_TRACE_ID else f"{trace_id:032x}"
+
+
+class ServerSpans:
+    """Starts and finishes the server span of each inbound request (the shells' core).
+
+    The span continues the caller's trace when the request carries a trace context the
+    propagator understands, and is otherwise the root of a new trace. Its name is
+    ``"<METHOD> <route template>"`` (just ``"<METHOD>"`` while the route is unknown, as the
+    HTTP semantic conventions ask: never the raw path).
+
+    Args:
+        tracer_provider: the provider to create spans with; ``None`` uses OpenTelemetry's
+            global provider (a no-op one until something installs a real provider).
+        propagator: the propagator that reads the caller's trace context; ``None`` uses
+            OpenTelemetry's global propagator at each request.
+    """
+
+    __slots__ = ("_propagator", "_tracer")
+
+    def __init__(
+        self,
+        tracer_provider: trace.TracerProvider | None = None,
+        propagator: TextMapPropagator | None = None,
+    ) -> None:
+        if tracer_provider is not None and not isinstance(tracer_provider, trace.TracerProvider):
+            raise ConfigurationError(
+                "expected an opentelemetry TracerProvider or None",
+                field="tracer_provider",
+                value=tracer_provider,
+            )
+        if propagator is not None and not isinstance(propagator, TextMapPropagator):
+            raise ConfigurationError(
+                "expected an opentelemetry TextMapPropagator or None",
+                field="propagator",
+                value=propagator,
+            )
+        self._tracer = trace.get_tracer("meshware", __version__, tracer_provider)
+        self._propagator = propagator
+
+    def start(
+        self, method: str, carrier: CarrierT, getter: Getter[CarrierT]
+    ) -> tuple[Span, Context]:
+        """Start the server span of a request.
+
+        Args:
+            method: the request method.
+            carrier: the request's headers in whatever form ``getter`` reads.
+            getter: reads header values (lower-case names) from ``carrier``.
+
+        Returns:
+            The span (recording or not, per the sampler) and the context to make current
+            while the application handles the request.
+        """
+        propagator = self._propagator or get_global_textmap()
+        parent = propagator.extract(carrier, context=_ROOT, getter=getter)
+        span = self._tracer.start_span(
+            method if method in _HTTP_METHODS else "HTTP", context=parent, kind=SpanKind.SERVER
+        )
+        return span, trace.set_span_in_context(span, parent)
+
+    @staticmethod
+    def trace_id(span: Span, context: Context) -> str | None:
+        """The request's trace id as hex: the span's, or the caller's when spans are no-ops."""
+        trace_id = span.get_span_context().trace_id
+        if trace_id == _INVALID_TRACE_ID:
+            trace_id = trace.get_current_span(context).get_span_context().trace_id
+        return format_trace_id(trace_id)
+
+    @staticmethod
+    def set_request_attributes(span: Span, attributes: Mapping[str, Any]) -> None:
+        """Set request attributes on a recording span (callers check ``is_recording()``)."""
+        span.set_attributes({k: v for k, v in attributes.items() if v is not None})
+
+    @staticmethod
+    def finish(
+        span: Span,
+        *,
+        method: str,
+        route: str | None,
+        status: int,
+        record: RequestRecord | None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Name, annotate and end the span once the response is complete.
+
+        Args:
+            span: the span from :meth:`start`.
+            method: the request method.
+            route: the route template, or ``None`` when unknown.
+            status: the response status code (``0`` when no response was sent).
+            record: the request's record, for the caller's principal, the authorization
+                decision and policy, the rate-limit verdict and the request id.
+            error: the exception the application raised, if any.
+        """
+        if span.is_recording():
+            name = method if method in _HTTP_METHODS else "HTTP"
+            attributes: dict[str, Any] = {}
+            if route is not None:
+                name = f"{name} {route}"
+                attributes["http.route"] = route
+            span.update_name(name)
+            if status:
+                attributes["http.response.status_code"] = status
+            if record is not None:
+                if record.identity is not None:
+                    attributes[ATTR_SOURCE_PRINCIPAL] = record.identity.principal
+                if record.request_principal is not None:
+                    attributes[ATTR_REQUEST_PRINCIPAL] = record.request_principal
+                if record.authz_decision is not None:
+                    attributes[ATTR_AUTHZ_DECISION] = record.authz_decision
+                if record.authz_policy is not None:
+                    attributes[ATTR_AUTHZ_POLICY] = record.authz_policy
+                if record.ratelimit is not None:
+                    attributes[ATTR_RATELIMIT] = record.ratelimit
+                if record.request_id is not None:
+                    attributes[ATTR_REQUEST_ID] = record.request_id
+            if error is not None:
+                attributes["error.type"] = type(error).__qualname__
+                span.record_exception(error)
+                span.set_status(Status(StatusCode.ERROR, type(error).__qualname__))
+            elif status >= 500:
+                attributes["error.type"] = str(status)
+                span.set_status(Status(StatusCode.ERROR))
+            span.set_attributes(attributes)
+        span.end()

@@ -1,0 +1,1 @@
+"""meshware for Django: the framework plugin (see docs/)."""

@@ -1,0 +1,1 @@
+"""meshware for Fastapi: the framework plugin (see docs/)."""

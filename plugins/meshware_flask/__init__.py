@@ -1,0 +1,1 @@
+"""meshware for Flask: the framework plugin (see docs/)."""
