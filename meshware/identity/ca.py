@@ -34,6 +34,8 @@ from meshware.identity.spiffe import SpiffeId, trust_domain_id
 DEFAULT_CERT_DIR = ".meshware/certs"
 CERT_DIR_ENV = "MESHWARE_CERT_DIR"
 _CLOCK_SKEW = dt.timedelta(minutes=5)
+# Far beyond any useful lifetime, yet well inside what datetime and X.509 can represent.
+_MAX_DURATION_SECONDS = 1000 * 365 * 86400
 
 
 def default_cert_dir() -> Path:
@@ -84,9 +86,12 @@ def parse_duration(text: str, *, field: str) -> dt.timedelta:
     """Parse ``"24h"``, ``"30m"``, ``"90s"``, ``"7d"`` (one number and one unit)."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     value = text.strip()
-    if len(value) >= 2 and value[-1] in units and value[:-1].isdigit():
-        seconds = int(value[:-1]) * units[value[-1]]
-        if seconds > 0:
+    number = value[:-1]
+    # isascii: str.isdigit() also accepts digits int() refuses (superscripts); the length
+    # bound keeps int() away from its digit limit.
+    if number.isascii() and number.isdigit() and len(number) <= 15 and value[-1] in units:
+        seconds = int(number) * units[value[-1]]
+        if 0 < seconds <= _MAX_DURATION_SECONDS:
             return dt.timedelta(seconds=seconds)
     raise ConfigurationError(
         f"expected a positive duration like '24h', '30m', '90s' or '7d', got {text!r}",
@@ -135,6 +140,12 @@ class LocalCA:
         """
         root = Path(directory) if directory is not None else default_cert_dir()
         td_id = trust_domain_id(trust_domain)  # validates the trust domain
+        if not dt.timedelta(0) < validity <= dt.timedelta(seconds=_MAX_DURATION_SECONDS):
+            raise ConfigurationError(
+                "expected a positive duration of at most 1000 years",
+                field="validity",
+                value=validity,
+            )
         if (root / "ca.key").exists() and not force:
             raise ConfigurationError(
                 f"a CA already exists in {root} (use --force to replace it)",
@@ -272,7 +283,9 @@ class LocalCA:
         common_name: str,
     ) -> x509.Certificate:
         now = dt.datetime.now(dt.timezone.utc)
-        not_after = min(now + ttl, self.certificate.not_valid_after_utc)
+        ca_not_after = self.certificate.not_valid_after_utc
+        # Compared before adding so that a huge ttl cannot overflow datetime.
+        not_after = ca_not_after if ttl >= ca_not_after - now else now + ttl
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id.uri)]
         sans += [x509.DNSName(name) for name in dns]
         sans += [x509.IPAddress(ip) for ip in ips]

@@ -98,7 +98,8 @@ class SpiffeId:
 
     def __post_init__(self) -> None:
         text = self.uri
-        if len(text.encode()) > _MAX_ID_BYTES:
+        # surrogatepass: a lone surrogate is refused by the character rules, not by a crash.
+        if len(text.encode("utf-8", "surrogatepass")) > _MAX_ID_BYTES:
             raise InvalidSpiffeId(text, "too-long", f"a SPIFFE id is at most {_MAX_ID_BYTES} bytes")
         _check_trust_domain(text, self.trust_domain)
         if self.path and not self.path.startswith("/"):
@@ -127,7 +128,19 @@ class SpiffeId:
 
     @classmethod
     def for_service(cls, trust_domain: str, namespace: str, service_account: str) -> SpiffeId:
-        """The mesh id of a workload: ``spiffe://<td>/ns/<namespace>/sa/<service_account>``."""
+        """The mesh id of a workload: ``spiffe://<td>/ns/<namespace>/sa/<service_account>``.
+
+        Raises:
+            InvalidSpiffeId: a part breaks a rule, or contains ``/`` (which would make an id
+                of another shape).
+        """
+        for part in (namespace, service_account):
+            if "/" in part:
+                raise InvalidSpiffeId(
+                    f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}",
+                    "path-chars",
+                    f"character '/' is not allowed in a namespace or service account ({part!r})",
+                )
         return cls(trust_domain, f"/ns/{namespace}/sa/{service_account}")
 
     @property

@@ -452,7 +452,7 @@ class MeshMetrics:
         )
         self._identity_failures = Counter(
             "meshware_identity_failures",
-            "Presented peer identities that were not accepted, by reason.",
+            "Requests whose peer identity was rejected or missing, by reason.",
             ("reason",),
             registry=None,
         )
@@ -531,7 +531,7 @@ class MeshMetrics:
         child.inc()
 
     def record_identity_failure(self, reason: str) -> None:
-        """Count one presented identity that was rejected, by its short ``reason`` code."""
+        """Count one request whose peer identity was rejected or missing, by ``reason`` code."""
         child = self._identity_children.get(reason)
         if child is None:
             child = self._identity_failures.labels(self._bounded_reason(reason))

@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -25,6 +27,7 @@ from meshware.exceptions import ConfigurationError
 from meshware.identity.identity import Identity
 from meshware.identity.spiffe import SpiffeId
 from meshware.inbound.asgi.telemetry import TelemetryMiddleware as AsgiTelemetry
+from meshware.inbound.asgi.telemetry import host_name, valid_request_id
 from meshware.inbound.record import RequestRecord, record_of
 from meshware.inbound.wsgi.telemetry import TelemetryMiddleware as WsgiTelemetry
 from meshware.telemetry.access_log import AccessLog
@@ -340,7 +343,7 @@ async def test_outcomes_of_inner_layers_are_counted(shell: Shell) -> None:
         authz_policy="orders-read",
         authz_dry_run="deny",
         ratelimit="limited",
-        identity_error="expired-certificate",
+        identity_error="expired",
         extra={"ratelimit_rule": "per-caller"},
     )
 
@@ -354,7 +357,7 @@ async def test_outcomes_of_inner_layers_are_counted(shell: Shell) -> None:
     [ratelimit] = shell.samples("meshware_ratelimit_decisions_total")
     assert ratelimit.labels == {"rule": "per-caller", "outcome": "limited"}
     [failure] = shell.samples("meshware_identity_failures_total")
-    assert failure.labels == {"reason": "expired-certificate"}
+    assert failure.labels == {"reason": "expired"}
     [total] = shell.samples("istio_requests_total")
     assert total.labels["response_flags"] == "RL"
 
@@ -829,3 +832,50 @@ def test_invalid_arguments_are_rejected(
 
     assert caught.value.field == field
     assert str(caught.value).startswith(f"{field}: {message}")
+
+
+# -- small parsers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "name"),
+    [("orders:8000", "orders"), ("orders", "orders"), ("[::1]:8000", "[::1]"), ("[::1]", "[::1]"),
+     ("", None), ("[::1", None), (":80", None)],
+)  # fmt: skip
+def test_host_name(host: str, name: str | None) -> None:
+    assert host_name(host) == name
+
+
+@given(st.text(max_size=300))
+def test_request_id_validation_is_total(value: str) -> None:
+    accepted = valid_request_id(value)
+
+    assert accepted == (0 < len(value) <= 128 and all("!" <= c <= "~" for c in value))
+
+
+@given(st.text(max_size=300))
+def test_host_name_never_raises(host: str) -> None:
+    name = host_name(host)
+
+    assert name is None or (name and host.startswith(name))
+
+
+async def test_a_failing_metrics_backend_never_fails_requests(
+    shell: Shell, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken:
+        def observe(self, **kwargs: Any) -> None:
+            raise RuntimeError("backend down")
+
+    app = shell.build()
+    core = app._core
+    core.recorder = Broken()
+
+    with caplog.at_level(logging.WARNING, logger="meshware.telemetry"):
+        first = await shell.request("GET", "/users/1", app=app)
+        second = await shell.request("GET", "/users/2", app=app)
+
+    assert (first.status_code, second.status_code) == (200, 200)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "meshware.telemetry"]
+    assert warnings == ["could not record request metrics"]
+    assert len(shell.spans()) == 2

@@ -125,10 +125,19 @@ def test_string_matcher_rejects_non_strings() -> None:
 @pytest.mark.parametrize(
     ("pattern", "message"),
     [
-        ("/a/*/b", "wildcard '*' is only supported as the whole value or at its start or end; "
-         "use {*} or {**} for whole path segments"),
-        ("/users/{id}", "'{' or '}' is only supported in whole-segment path templates {*} and {**}"),
-        ("/a/{*}.json", "'{' or '}' is only supported in whole-segment path templates {*} and {**}"),
+        (
+            "/a/*/b",
+            "wildcard '*' is only supported as the whole value or at its start or end; "
+            "use {*} or {**} for whole path segments",
+        ),
+        (
+            "/users/{id}",
+            "'{' or '}' is only supported in whole-segment path templates {*} and {**}",
+        ),
+        (
+            "/a/{*}.json",
+            "'{' or '}' is only supported in whole-segment path templates {*} and {**}",
+        ),
         ("/{**}/x/{*}", "{**} must be the last operator of a path template"),
         ("/{**}/{**}", "{**} must be the last operator of a path template"),
         ("api/{*}", "a path template must start with '/'"),
@@ -203,12 +212,20 @@ def test_parse_ip() -> None:
         ({"not_principals": ["*"]}, {}, True),
         ({"not_principals": ["*"]}, {"source_principal": ORDERS}, False),
         # request principals: JWT "<iss>/<sub>"; "*" requires a validated token.
-        ({"request_principals": ["https://idp/alice"]}, {"request_principal": "https://idp/alice"}, True),
+        (
+            {"request_principals": ["https://idp/alice"]},
+            {"request_principal": "https://idp/alice"},
+            True,
+        ),
         ({"request_principals": ["https://idp/*"]}, {"request_principal": "https://idp/bob"}, True),
         ({"request_principals": ["*"]}, {"request_principal": "https://idp/bob"}, True),
         ({"request_principals": ["*"]}, {}, False),
         ({"not_request_principals": ["*"]}, {}, True),
-        ({"not_request_principals": ["https://idp/alice"]}, {"request_principal": "https://idp/alice"}, False),
+        (
+            {"not_request_principals": ["https://idp/alice"]},
+            {"request_principal": "https://idp/alice"},
+            False,
+        ),
         # namespaces
         ({"namespaces": ["shop"]}, {"source_namespace": "shop"}, True),
         ({"namespaces": ["shop"]}, {"source_namespace": "billing"}, False),
@@ -225,10 +242,26 @@ def test_parse_ip() -> None:
         ({"not_ip_blocks": ["10.0.0.0/8"]}, {"source_ip": "10.0.0.1"}, False),
         ({"not_ip_blocks": ["10.0.0.0/8"]}, {}, True),
         # every set field must match
-        ({"principals": [ORDERS], "ip_blocks": ["10.0.0.0/8"]}, {"source_principal": ORDERS, "source_ip": "10.0.0.1"}, True),
-        ({"principals": [ORDERS], "ip_blocks": ["10.0.0.0/8"]}, {"source_principal": ORDERS, "source_ip": "11.0.0.1"}, False),
-        ({"namespaces": ["shop"], "not_principals": [ORDERS]}, {"source_namespace": "shop", "source_principal": ORDERS}, False),
-        ({"namespaces": ["shop"], "not_principals": [ORDERS]}, {"source_namespace": "shop", "source_principal": SHIPPING}, True),
+        (
+            {"principals": [ORDERS], "ip_blocks": ["10.0.0.0/8"]},
+            {"source_principal": ORDERS, "source_ip": "10.0.0.1"},
+            True,
+        ),
+        (
+            {"principals": [ORDERS], "ip_blocks": ["10.0.0.0/8"]},
+            {"source_principal": ORDERS, "source_ip": "11.0.0.1"},
+            False,
+        ),
+        (
+            {"namespaces": ["shop"], "not_principals": [ORDERS]},
+            {"source_namespace": "shop", "source_principal": ORDERS},
+            False,
+        ),
+        (
+            {"namespaces": ["shop"], "not_principals": [ORDERS]},
+            {"source_namespace": "shop", "source_principal": SHIPPING},
+            True,
+        ),
     ],
 )
 def test_source(source: dict[str, Any], request_facts: dict[str, Any], expected: bool) -> None:
@@ -254,13 +287,26 @@ def test_source_requires_a_field() -> None:
     [
         ({"principals": ORDERS}, "source.principals", "expected a list of strings, got str"),
         ({"namespaces": ["a", 2]}, "source.namespaces[1]", "expected a string, got int"),
-        ({"principals": ["spiffe://cluster.local/ns/a/sa/b"]}, "source.principals[0]",
-         "expected a principal without the spiffe:// scheme, like cluster.local/ns/default/sa/orders"),
-        ({"not_principals": ["spiffe://x"]}, "source.not_principals[0]",
-         "expected a principal without the spiffe:// scheme, like cluster.local/ns/default/sa/orders"),
-        ({"ip_blocks": ["10.0.0.300"]}, "source.ip_blocks[0]",
-         "bad IP address or CIDR block; expected an address like 10.1.2.3 or a block like 10.0.0.0/8"),
-        ({"principals": [""]}, "source.principals[0]", "empty value not allowed; expected a non-empty string"),
+        (
+            {"principals": ["spiffe://cluster.local/ns/a/sa/b"]},
+            "source.principals[0]",
+            "expected a principal without the spiffe:// scheme, like cluster.local/ns/default/sa/orders",
+        ),
+        (
+            {"not_principals": ["spiffe://x"]},
+            "source.not_principals[0]",
+            "expected a principal without the spiffe:// scheme, like cluster.local/ns/default/sa/orders",
+        ),
+        (
+            {"ip_blocks": ["10.0.0.300"]},
+            "source.ip_blocks[0]",
+            "bad IP address or CIDR block; expected an address like 10.1.2.3 or a block like 10.0.0.0/8",
+        ),
+        (
+            {"principals": [""]},
+            "source.principals[0]",
+            "empty value not allowed; expected a non-empty string",
+        ),
     ],
 )
 def test_source_validation(kwargs: dict[str, Any], field: str, message: str) -> None:
@@ -319,7 +365,9 @@ def test_source_lists_become_tuples_and_compare_by_value() -> None:
         ({"methods": ["GET"], "paths": ["/api/*"]}, {"method": "POST", "path": "/api/x"}, False),
     ],
 )
-def test_operation(operation: dict[str, Any], request_facts: dict[str, Any], expected: bool) -> None:
+def test_operation(
+    operation: dict[str, Any], request_facts: dict[str, Any], expected: bool
+) -> None:
     compiled = Operation(**operation)
     assert compiled.matches(facts(**request_facts)) is expected
     decision = Authorizer([allow("p", Rule(to=[compiled]))]).decide(facts(**request_facts))
@@ -339,17 +387,33 @@ def test_operation_paths_match_the_normalized_path() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "field", "message"),
     [
-        ({}, "operation", "an operation must set at least one field; expected hosts, ports, "
-         "methods, paths or a not_ variant"),
-        ({"methods": ["get"]}, "operation.methods[0]", "methods are matched case-sensitively "
-         "against the upper-case request method; expected 'GET'"),
+        (
+            {},
+            "operation",
+            "an operation must set at least one field; expected hosts, ports, "
+            "methods, paths or a not_ variant",
+        ),
+        (
+            {"methods": ["get"]},
+            "operation.methods[0]",
+            "methods are matched case-sensitively "
+            "against the upper-case request method; expected 'GET'",
+        ),
         ({"ports": [70000]}, "operation.ports[0]", "bad port; expected an integer from 0 to 65535"),
         ({"ports": ["80"]}, "operation.ports[0]", "bad port; expected an integer from 0 to 65535"),
-        ({"not_ports": [True]}, "operation.not_ports[0]", "bad port; expected an integer from 0 to 65535"),
+        (
+            {"not_ports": [True]},
+            "operation.not_ports[0]",
+            "bad port; expected an integer from 0 to 65535",
+        ),
         ({"ports": 80}, "operation.ports", "expected a list of port numbers, got int"),
         ({"paths": "/api"}, "operation.paths", "expected a list of strings, got str"),
-        ({"not_paths": ["/a/*/b"]}, "operation.not_paths[0]", "wildcard '*' is only supported "
-         "as the whole value or at its start or end; use {*} or {**} for whole path segments"),
+        (
+            {"not_paths": ["/a/*/b"]},
+            "operation.not_paths[0]",
+            "wildcard '*' is only supported "
+            "as the whole value or at its start or end; use {*} or {**} for whole path segments",
+        ),
     ],
 )
 def test_operation_validation(kwargs: dict[str, Any], field: str, message: str) -> None:
@@ -373,29 +437,69 @@ JWT = "https://idp.example.com/alice"
         (("request.headers[x-env]", ["*"], []), {"headers": {"x-env": "x"}}, True),
         (("request.headers[x-env]", [], ["prod"]), {}, True),
         (("request.headers[x-env]", [], ["prod"]), {"headers": {"x-env": "prod"}}, False),
-        (("request.headers[user-agent]", ["curl/*"], ["curl/7*"]), {"headers": {"user-agent": "curl/8.1"}}, True),
-        (("request.headers[user-agent]", ["curl/*"], ["curl/7*"]), {"headers": {"user-agent": "curl/7.1"}}, False),
+        (
+            ("request.headers[user-agent]", ["curl/*"], ["curl/7*"]),
+            {"headers": {"user-agent": "curl/8.1"}},
+            True,
+        ),
+        (
+            ("request.headers[user-agent]", ["curl/*"], ["curl/7*"]),
+            {"headers": {"user-agent": "curl/7.1"}},
+            False,
+        ),
         (("source.ip", ["10.0.0.0/8"], []), {"source_ip": "10.9.9.9"}, True),
         (("source.ip", ["10.0.0.0/8"], []), {"source_ip": "172.16.0.1"}, False),
         (("source.ip", [], ["10.0.0.0/8"]), {"source_ip": "172.16.0.1"}, True),
         (("source.namespace", ["shop"], []), {"source_namespace": "shop"}, True),
         (("source.principal", [ORDERS], []), {"source_principal": ORDERS}, True),
         (("source.principal", [ORDERS], []), {}, False),
-        (("request.auth.principal", ["https://idp.example.com/*"], []), {"request_principal": JWT}, True),
+        (
+            ("request.auth.principal", ["https://idp.example.com/*"], []),
+            {"request_principal": JWT},
+            True,
+        ),
         (("request.auth.audiences", ["orders"], []), {"claims": {"aud": "orders"}}, True),
         (("request.auth.audiences", ["orders"], []), {"claims": {"aud": ["web", "orders"]}}, True),
         (("request.auth.audiences", ["orders"], []), {"claims": {"aud": ["web"]}}, False),
         (("request.auth.presenter", ["web-app"], []), {"claims": {"azp": "web-app"}}, True),
-        (("request.auth.claims[iss]", ["https://idp.example.com"], []), {"claims": {"iss": "https://idp.example.com"}}, True),
-        (("request.auth.claims[groups]", ["admins"], []), {"claims": {"groups": ["dev", "admins"]}}, True),
-        (("request.auth.claims[groups]", [], ["admins"]), {"claims": {"groups": ["dev", "admins"]}}, False),
+        (
+            ("request.auth.claims[iss]", ["https://idp.example.com"], []),
+            {"claims": {"iss": "https://idp.example.com"}},
+            True,
+        ),
+        (
+            ("request.auth.claims[groups]", ["admins"], []),
+            {"claims": {"groups": ["dev", "admins"]}},
+            True,
+        ),
+        (
+            ("request.auth.claims[groups]", [], ["admins"]),
+            {"claims": {"groups": ["dev", "admins"]}},
+            False,
+        ),
         (("request.auth.claims[groups]", [], ["admins"]), {"claims": {"groups": ["dev"]}}, True),
         (("request.auth.claims[groups]", [], ["admins"]), {}, True),
         (("request.auth.claims[groups]", ["admins"], []), {}, False),
-        (("request.auth.claims[realm][role]", ["admin"], []), {"claims": {"realm": {"role": "admin"}}}, True),
-        (("request.auth.claims[realm][role]", ["admin"], []), {"claims": {"realm": "admin"}}, False),
-        (("request.auth.claims[realm][roles]", ["admin"], []), {"claims": {"realm": {"roles": ["admin"]}}}, True),
-        (("request.auth.claims[https://example.com/tier]", ["gold"], []), {"claims": {"https://example.com/tier": "gold"}}, True),
+        (
+            ("request.auth.claims[realm][role]", ["admin"], []),
+            {"claims": {"realm": {"role": "admin"}}},
+            True,
+        ),
+        (
+            ("request.auth.claims[realm][role]", ["admin"], []),
+            {"claims": {"realm": "admin"}},
+            False,
+        ),
+        (
+            ("request.auth.claims[realm][roles]", ["admin"], []),
+            {"claims": {"realm": {"roles": ["admin"]}}},
+            True,
+        ),
+        (
+            ("request.auth.claims[https://example.com/tier]", ["gold"], []),
+            {"claims": {"https://example.com/tier": "gold"}},
+            True,
+        ),
         (("request.auth.claims[admin]", ["true"], []), {"claims": {"admin": True}}, False),
         (("request.auth.claims[level]", ["3"], []), {"claims": {"level": 3}}, False),
         (("destination.port", ["8080", "8443"], []), {"port": 8443}, True),
@@ -405,7 +509,9 @@ JWT = "https://idp.example.com/alice"
         (("destination.port", [], ["8080"]), {"port": 8080}, False),
     ],
 )
-def test_condition(condition: tuple[str, list[str], list[str]], request_facts: dict[str, Any], expected: bool) -> None:
+def test_condition(
+    condition: tuple[str, list[str], list[str]], request_facts: dict[str, Any], expected: bool
+) -> None:
     key, values, not_values = condition
     compiled = Condition(key=key, values=values, not_values=not_values)
     assert compiled.matches(facts(**request_facts)) is expected
@@ -423,32 +529,68 @@ _KNOWN = (
 @pytest.mark.parametrize(
     ("kwargs", "field", "message"),
     [
-        ({"key": "request.header[x]", "values": ["a"]}, "condition.key",
-         f"unknown key 'request.header[x]'; expected one of {_KNOWN}"),
-        ({"key": "request.headers[]", "values": ["a"]}, "condition.key",
-         f"unknown key 'request.headers[]'; expected one of {_KNOWN}"),
-        ({"key": "request.auth.claims", "values": ["a"]}, "condition.key",
-         f"unknown key 'request.auth.claims'; expected one of {_KNOWN}"),
-        ({"key": "remote.ip", "values": ["10.0.0.1"]}, "condition.key",
-         "unsupported key 'remote.ip': the original client address behind proxies is not known "
-         "in-process; use source.ip for the direct peer"),
-        ({"key": "experimental.envoy.filters.x[y]", "values": ["a"]}, "condition.key",
-         "unsupported key 'experimental.envoy.filters.x[y]': Envoy filter metadata does not "
-         "exist in-process"),
-        ({"key": "", "values": ["a"]}, "condition.key",
-         f"expected an attribute name like request.headers[x-env]; known keys: {_KNOWN}"),
-        ({"key": "source.ip"}, "condition",
-         "at least one of values or not_values must be set for key source.ip"),
-        ({"key": "source.ip", "values": ["10.0.0.0/40"]}, "condition.values[0]",
-         "bad IP address or CIDR block; expected an address like 10.1.2.3 or a block like 10.0.0.0/8"),
-        ({"key": "destination.port", "not_values": ["http"]}, "condition.not_values[0]",
-         "bad port; expected a port number from 0 to 65535"),
-        ({"key": "destination.port", "values": ["65536"]}, "condition.values[0]",
-         "bad port; expected a port number from 0 to 65535"),
-        ({"key": "source.principal", "values": ["spiffe://td/ns/a/sa/b"]}, "condition.values[0]",
-         "expected a principal without the spiffe:// scheme, like cluster.local/ns/default/sa/orders"),
-        ({"key": "source.namespace", "values": "shop"}, "condition.values",
-         "expected a list of strings, got str"),
+        (
+            {"key": "request.header[x]", "values": ["a"]},
+            "condition.key",
+            f"unknown key 'request.header[x]'; expected one of {_KNOWN}",
+        ),
+        (
+            {"key": "request.headers[]", "values": ["a"]},
+            "condition.key",
+            f"unknown key 'request.headers[]'; expected one of {_KNOWN}",
+        ),
+        (
+            {"key": "request.auth.claims", "values": ["a"]},
+            "condition.key",
+            f"unknown key 'request.auth.claims'; expected one of {_KNOWN}",
+        ),
+        (
+            {"key": "remote.ip", "values": ["10.0.0.1"]},
+            "condition.key",
+            "unsupported key 'remote.ip': the original client address behind proxies is not known "
+            "in-process; use source.ip for the direct peer",
+        ),
+        (
+            {"key": "experimental.envoy.filters.x[y]", "values": ["a"]},
+            "condition.key",
+            "unsupported key 'experimental.envoy.filters.x[y]': Envoy filter metadata does not "
+            "exist in-process",
+        ),
+        (
+            {"key": "", "values": ["a"]},
+            "condition.key",
+            f"expected an attribute name like request.headers[x-env]; known keys: {_KNOWN}",
+        ),
+        (
+            {"key": "source.ip"},
+            "condition",
+            "at least one of values or not_values must be set for key source.ip",
+        ),
+        (
+            {"key": "source.ip", "values": ["10.0.0.0/40"]},
+            "condition.values[0]",
+            "bad IP address or CIDR block; expected an address like 10.1.2.3 or a block like 10.0.0.0/8",
+        ),
+        (
+            {"key": "destination.port", "not_values": ["http"]},
+            "condition.not_values[0]",
+            "bad port; expected a port number from 0 to 65535",
+        ),
+        (
+            {"key": "destination.port", "values": ["65536"]},
+            "condition.values[0]",
+            "bad port; expected a port number from 0 to 65535",
+        ),
+        (
+            {"key": "source.principal", "values": ["spiffe://td/ns/a/sa/b"]},
+            "condition.values[0]",
+            "expected a principal without the spiffe:// scheme, like cluster.local/ns/default/sa/orders",
+        ),
+        (
+            {"key": "source.namespace", "values": "shop"},
+            "condition.values",
+            "expected a list of strings, got str",
+        ),
     ],
 )
 def test_condition_validation(kwargs: dict[str, Any], field: str, message: str) -> None:
@@ -501,13 +643,24 @@ def test_rule_validation() -> None:
     ("kwargs", "field", "message"),
     [
         ({"name": ""}, "name", "expected a non-empty string"),
-        ({"name": "p", "action": "CUSTOM"}, "action", "unsupported action CUSTOM: external "
-         "authorization is not supported; expected one of ALLOW, DENY, AUDIT"),
+        (
+            {"name": "p", "action": "CUSTOM"},
+            "action",
+            "unsupported action CUSTOM: external "
+            "authorization is not supported; expected one of ALLOW, DENY, AUDIT",
+        ),
         ({"name": "p", "action": "allow"}, "action", "expected one of ALLOW, DENY, AUDIT"),
-        ({"name": "p", "rules": [Source(principals=["*"])]}, "rules[0]", "expected a Rule, got Source"),
+        (
+            {"name": "p", "rules": [Source(principals=["*"])]},
+            "rules[0]",
+            "expected a Rule, got Source",
+        ),
         ({"name": "p", "dry_run": "yes"}, "dry_run", "expected a bool, got str"),
-        ({"name": "p", "action": "AUDIT", "dry_run": True}, "dry_run",
-         "dry_run applies to ALLOW and DENY policies; an AUDIT policy never enforces"),
+        (
+            {"name": "p", "action": "AUDIT", "dry_run": True},
+            "dry_run",
+            "dry_run applies to ALLOW and DENY policies; an AUDIT policy never enforces",
+        ),
     ],
 )
 def test_policy_validation(kwargs: dict[str, Any], field: str, message: str) -> None:
@@ -541,7 +694,9 @@ ORDERS_ALLOW = allow(
         (
             [],
             {},
-            AuthzDecision(allowed=True, status=200, code=NO_ALLOW_POLICIES, reason="no policies: allowed"),
+            AuthzDecision(
+                allowed=True, status=200, code=NO_ALLOW_POLICIES, reason="no policies: allowed"
+            ),
         ),
         (
             [ADMIN_DENY],
@@ -608,12 +763,16 @@ ORDERS_ALLOW = allow(
         (
             [ORDERS_ALLOW, ADMIN_DENY],
             {"path": "/api", "source_principal": SHIPPING},
-            AuthzDecision(allowed=False, status=403, code=NO_ALLOW_MATCH, reason="no ALLOW policy matched"),
+            AuthzDecision(
+                allowed=False, status=403, code=NO_ALLOW_MATCH, reason="no ALLOW policy matched"
+            ),
         ),
         (
             [ORDERS_ALLOW],
             {"path": "/api"},
-            AuthzDecision(allowed=False, status=403, code=NO_ALLOW_MATCH, reason="no ALLOW policy matched"),
+            AuthzDecision(
+                allowed=False, status=403, code=NO_ALLOW_MATCH, reason="no ALLOW policy matched"
+            ),
         ),
     ],
 )
@@ -707,7 +866,9 @@ def test_dry_run_deny_is_recorded_not_enforced() -> None:
 
 
 def test_dry_run_allow_does_not_count_as_an_allow_policy() -> None:
-    authorizer = Authorizer([allow("orders", Rule(from_=[Source(principals=[ORDERS])]), dry_run=True)])
+    authorizer = Authorizer(
+        [allow("orders", Rule(from_=[Source(principals=[ORDERS])]), dry_run=True)]
+    )
     stranger = authorizer.decide(facts(source_principal=SHIPPING))
     assert stranger.allowed
     assert stranger.code == NO_ALLOW_POLICIES
@@ -795,7 +956,9 @@ def test_paths_that_can_never_match_are_rejected(pattern: str, key: str, message
     )
 
 
-@pytest.mark.parametrize("pattern", ["/api/.*", "/.well-known/*", "/a%2*", "/a%*", "*//x", "/{*}/x"])
+@pytest.mark.parametrize(
+    "pattern", ["/api/.*", "/.well-known/*", "/a%2*", "/a%*", "*//x", "/{*}/x"]
+)
 def test_paths_that_can_match_are_accepted(pattern: str) -> None:
     Authorizer([allow("p", paths_rule(pattern))])
 

@@ -179,9 +179,7 @@ def test_invalid_path_message_is_bounded() -> None:
     with pytest.raises(InvalidPath) as info:
         STRICT.normalize(raw)
     assert str(info.value) == (
-        "'%' not followed by two hex digits: '/"
-        + "a" * 116
-        + "...' [invalid-percent-encoding]"
+        "'%' not followed by two hex digits: '/" + "a" * 116 + "...' [invalid-percent-encoding]"
     )
     assert info.value.path == raw
 
@@ -275,7 +273,11 @@ def test_from_istio_rejects_none_and_unknown() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "field", "message"),
     [
-        ({"escaped_slashes": "drop"}, "escaped_slashes", "expected one of 'reject', 'decode', 'keep'"),
+        (
+            {"escaped_slashes": "drop"},
+            "escaped_slashes",
+            "expected one of 'reject', 'decode', 'keep'",
+        ),
         ({"backslash": "keep"}, "backslash", "expected one of 'reject', 'to-slash'"),
         ({"merge_slashes": "yes"}, "merge_slashes", "expected a bool, got str"),
         ({"strip_params": 1}, "strip_params", "expected a bool, got int"),
@@ -293,7 +295,7 @@ def test_settings_validation(kwargs: dict[str, object], field: str, message: str
 
 
 def test_default_instance() -> None:
-    assert DEFAULT_PATH_NORMALIZATION == PathNormalization()
+    assert PathNormalization() == DEFAULT_PATH_NORMALIZATION
     assert DEFAULT_PATH_NORMALIZATION.escaped_slashes == "reject"
     assert DEFAULT_PATH_NORMALIZATION.backslash == "reject"
     assert DEFAULT_PATH_NORMALIZATION.merge_slashes is True
@@ -314,9 +316,43 @@ def test_encode_raw_path() -> None:
 # -- properties -------------------------------------------------------------------------
 
 _PIECES = [
-    "/", "//", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "%5C", "\\", ";", ";x=1",
-    "a", "admin", "%61", "%41", "%7e", "%", "%z", "%4", "?", "#", "é", "%C3%A9", "%c3",
-    "%C0%AE", " ", "%20", "%00", "\x00", "%25", "~", "*", "{", "\udcff", "%3B",
+    "/",
+    "//",
+    ".",
+    "..",
+    "%2e",
+    "%2E",
+    "%2f",
+    "%2F",
+    "%5c",
+    "%5C",
+    "\\",
+    ";",
+    ";x=1",
+    "a",
+    "admin",
+    "%61",
+    "%41",
+    "%7e",
+    "%",
+    "%z",
+    "%4",
+    "?",
+    "#",
+    "é",
+    "%C3%A9",
+    "%c3",
+    "%C0%AE",
+    " ",
+    "%20",
+    "%00",
+    "\x00",
+    "%25",
+    "~",
+    "*",
+    "{",
+    "\udcff",
+    "%3B",
 ]
 paths = st.one_of(
     st.text(max_size=60),

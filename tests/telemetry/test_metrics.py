@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -356,7 +361,7 @@ def test_outcome_counters_from_a_record() -> None:
         authz_decision="deny",
         authz_policy="deny-external",
         ratelimit="shadow-limited",
-        identity_error="untrusted-proxy",
+        identity_error="untrusted-xfcc",
     )
 
     metrics.record_outcomes(record)
@@ -373,7 +378,7 @@ def test_outcome_counters_from_a_record() -> None:
     }
     assert ratelimit == {("unknown", "shadow_limited"): 1.0, ("unknown", "backend_error"): 1.0}
     [failure] = samples(metrics, "meshware_identity_failures_total")
-    assert (failure.labels, failure.value) == ({"reason": "untrusted-proxy"}, 1.0)
+    assert (failure.labels, failure.value) == ({"reason": "untrusted-xfcc"}, 1.0)
 
 
 def test_outcome_counters_are_bounded() -> None:
@@ -458,3 +463,69 @@ def test_multiprocess_exposition(tmp_path: Any, monkeypatch: pytest.MonkeyPatch)
         "counter_4242.db",
         "histogram_4242.db",
     ]
+
+
+# -- the Grafana dashboard --------------------------------------------------------------------
+
+DASHBOARD = Path(__file__).parents[2] / "docs" / "grafana" / "meshware-service-dashboard.json"
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", ())]
+
+
+def test_dashboard_queries_name_exposed_metrics() -> None:
+    metrics = MeshMetrics()
+    observe(metrics, identity=identity("ns/shop/sa/web"))
+    metrics.record_authz("allow", "p")
+    metrics.record_ratelimit("r", "allowed")
+    metrics.record_identity_failure("expired")
+    body, _ = metrics.exposition()
+    exposed = {s.name for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+
+    queries = dashboard_queries()
+    referenced = {m for q in queries for m in re.findall(r"\b(?:istio|meshware)_[a-z_]+", q)}
+
+    assert referenced == {
+        "istio_requests_total",
+        "istio_request_duration_milliseconds_bucket",
+        "istio_request_bytes_bucket",
+        "istio_response_bytes_bucket",
+        "meshware_authz_decisions_total",
+        "meshware_ratelimit_decisions_total",
+        "meshware_identity_failures_total",
+    }
+    assert referenced <= exposed
+    assert any("histogram_quantile(0.99" in q and "destination_service" in q for q in queries)
+    assert any("histogram_quantile(0.5," in q and "source_workload" in q for q in queries)
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (scripts/system-deps.sh installs it)")
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {
+                        "record": f"dashboard:query{i}",
+                        "expr": q.replace("$__rate_interval", "5m")
+                        .replace("$service", ".*")
+                        .replace("$source", ".*"),
+                    }
+                    for i, q in enumerate(dashboard_queries())
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "rules.yml"
+    path.write_text(json.dumps(rules))  # JSON is YAML
+
+    result = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr

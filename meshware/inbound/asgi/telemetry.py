@@ -34,7 +34,14 @@ if TYPE_CHECKING:
 
     from meshware.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["DEFAULT_SKIP_PATHS", "InboundTelemetry", "TelemetryMiddleware"]
+__all__ = [
+    "DEFAULT_SKIP_PATHS",
+    "InboundTelemetry",
+    "TelemetryMiddleware",
+    "host_name",
+    "new_request_id",
+    "valid_request_id",
+]
 
 DEFAULT_SKIP_PATHS: Final = frozenset({"/livez", "/readyz"})
 """Paths that get no metrics, spans or log lines: the health probes."""
@@ -48,6 +55,14 @@ _detach = otel_context.detach
 def valid_request_id(value: str) -> bool:
     """Whether a received request id may be kept: 1-128 visible ASCII characters."""
     return 0 < len(value) <= 128 and value.isascii() and value.isprintable() and " " not in value
+
+
+def host_name(host: str) -> str | None:
+    """The name part of a ``Host`` header (``"[::1]:8000"`` gives ``"[::1]"``), or ``None``."""
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else None
+    return host.partition(":")[0] or None
 
 
 def new_request_id() -> str:
@@ -81,6 +96,7 @@ class InboundTelemetry:
     """
 
     __slots__ = (
+        "_warned",
         "access_log",
         "clock",
         "metrics",
@@ -164,6 +180,7 @@ class InboundTelemetry:
                 "expected a callable returning seconds", field="clock", value=clock
             )
         self.clock = clock
+        self._warned: set[str] = set()
 
     def finish(
         self,
@@ -191,7 +208,8 @@ class InboundTelemetry:
 
         ``route`` is the framework's route template, used when no inner layer set
         ``record.route``. A request that raised before a response started counts as a 500.
-        Never raises: a failure is reported on the ``meshware.telemetry`` logger.
+        Never raises: a failure is reported (once per kind) on the ``meshware.telemetry``
+        logger.
         """
         duration = self.clock() - start
         if error is not None and status == 0:
@@ -221,13 +239,13 @@ class InboundTelemetry:
                 )
                 metrics.record_outcomes(record)
             except Exception:
-                _internal_log.warning("could not record request metrics", exc_info=True)
+                self._warn_once("could not record request metrics")
         try:
             self.spans.finish(
                 span, method=method, route=route, status=status, record=record, error=error
             )
         except Exception:
-            _internal_log.warning("could not finish the request span", exc_info=True)
+            self._warn_once("could not finish the request span")
         log = self.access_log
         if log is not None:
             log.emit(
@@ -243,6 +261,12 @@ class InboundTelemetry:
                 trace_id=ServerSpans.trace_id(span, context),
                 user_agent=user_agent,
             )
+
+    def _warn_once(self, message: str) -> None:
+        # A failure that repeats on every request is reported once, not at request rate.
+        if message not in self._warned:
+            self._warned.add(message)
+            _internal_log.warning(message, exc_info=True)
 
 
 def _scope_route(scope: Scope) -> str | None:
@@ -372,7 +396,7 @@ class TelemetryMiddleware:
                     "http.request.method": method,
                     "url.scheme": scope.get("scheme", "http"),
                     "url.path": path,
-                    "server.address": headers.get("host", "").rsplit(":", 1)[0] or None,
+                    "server.address": host_name(headers.get("host", "")),
                     "user_agent.original": headers.get("user-agent"),
                     "client.address": client[0] if client else None,
                     "network.protocol.version": scope.get("http_version"),

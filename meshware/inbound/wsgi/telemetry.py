@@ -18,6 +18,7 @@ from opentelemetry.propagators.textmap import Getter
 from meshware.inbound.asgi.telemetry import (
     DEFAULT_SKIP_PATHS,
     InboundTelemetry,
+    host_name,
     new_request_id,
     valid_request_id,
 )
@@ -284,7 +285,7 @@ class TelemetryMiddleware:
                     "http.request.method": method,
                     "url.scheme": environ.get("wsgi.url_scheme", "http"),
                     "url.path": path,
-                    "server.address": environ.get("HTTP_HOST", "").rsplit(":", 1)[0] or None,
+                    "server.address": host_name(environ.get("HTTP_HOST", "")),
                     "user_agent.original": environ.get("HTTP_USER_AGENT"),
                     "client.address": environ.get("REMOTE_ADDR"),
                     "network.protocol.version": _http_version(environ),
