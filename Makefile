@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,fastapi,flask,django]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench,fastapi,flask,django]'
 	touch $(STAMP)
 
 system-deps:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from meshware.__about__ import __version__
-from meshware.exceptions import ConfigurationError
+from meshware.exceptions import ConfigurationError, InvalidSpiffeId
 from meshware.identity.ca import (
     CERT_DIR_ENV,
     DEFAULT_CERT_DIR,
@@ -84,12 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _ca_init(args: argparse.Namespace) -> int:
-    ca = LocalCA.init(
-        args.dir,
-        trust_domain=args.trust_domain,
-        validity=parse_duration(args.validity, field="--validity"),
-        force=args.force,
-    )
+    validity = parse_duration(args.validity, field="--validity")
+    try:
+        ca = LocalCA.init(
+            args.dir, trust_domain=args.trust_domain, validity=validity, force=args.force
+        )
+    except InvalidSpiffeId as exc:
+        # Only the trust domain becomes a SPIFFE id here: name the option that carried it.
+        raise ConfigurationError(str(exc), field="--trust-domain", value=args.trust_domain) from exc
     print(f"CA for trust domain {ca.trust_domain} in {ca.directory}")
     print(f"  key:    {ca.directory / 'ca.key'} (mode 0600)")
     print(f"  cert:   {ca.directory / 'ca.crt'}")

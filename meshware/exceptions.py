@@ -3,12 +3,21 @@
 ::
 
     MeshwareError
-    ├── ConfigurationError          a bad setting, policy, file or argument (operator's mistake)
-    │   └── InvalidSpiffeId         a SPIFFE id that breaks a rule of the SPIFFE-ID spec
-    ├── IdentityError               a peer identity could not be established
-    │   ├── CertificateRejected     a peer certificate failed verification
-    │   └── InvalidXfcc             a malformed x-forwarded-client-cert header
-    └── (outbound errors subclass httpx.TransportError as well; see meshware.outbound)
+    ├── ConfigurationError              a bad setting, policy, file or argument (operator's mistake)
+    │   └── InvalidSpiffeId             a SPIFFE id that breaks a rule of the SPIFFE-ID spec
+    ├── IdentityError                   a peer identity could not be established
+    │   ├── CertificateRejected         a peer certificate failed verification
+    │   ├── InvalidXfcc                 a malformed x-forwarded-client-cert header
+    │   └── InvalidToken                a JWT that is present but invalid (meshware.policy.jwt)
+    ├── InvalidPath                     a request path refused by normalization (meshware.policy.paths)
+    ├── InvalidTimeoutHeader            a malformed x-meshware-timeout header (meshware.outbound.deadline)
+    ├── BackendUnavailable              a state backend (Redis) did not answer (meshware.state)
+    └── OutboundError                   also an httpx.TransportError (meshware.outbound.errors)
+        ├── NoHealthyEndpoint           no endpoint to send to
+        ├── CircuitOpen                 the destination's breaker is open
+        ├── RetryBudgetExhausted        no retry budget left
+        ├── DeadlineExceeded            also an httpx.TimeoutException
+        └── PoolOverloaded              connection-pool limits shed the call
 
 Errors carry the facts a person needs to fix the problem: which field, which value,
 what was expected. They are raised with ``raise ... from exc`` so the cause stays visible.

@@ -154,7 +154,7 @@ class PeerVerifier:
         else:
             self._bundles_fn = bundles
         self._clock = clock
-        self._cache: dict[bytes | str, tuple[TrustBundles, VerifiedPeer | CertificateRejected]] = {}
+        self._cache: dict[object, tuple[TrustBundles, VerifiedPeer | CertificateRejected]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -164,35 +164,53 @@ class PeerVerifier:
 
     def verify_der(self, der: bytes, intermediates: Iterable[bytes] = ()) -> VerifiedPeer:
         """Verify a DER leaf certificate; raise :class:`CertificateRejected` saying why not."""
-        return self._cached(der, lambda: self._verify(self._load(der, pem=False), intermediates))
+        chain = tuple(intermediates)
+        key: bytes | tuple[bytes, ...] = (der, *chain) if chain else der
+        return self._cached(key, lambda: self._verify(self._load(der, pem=False), chain))
 
     def verify_pem(self, pem: str, intermediates: Iterable[str] = ()) -> VerifiedPeer:
         """Verify a PEM leaf certificate (as in the ASGI TLS extension or ``SSL_CLIENT_CERT``)."""
-        inter = [p.encode() for p in intermediates]
+        chain = tuple(intermediates)
+        inter = [p.encode() for p in chain]
+        # The leaf alone keys the common case (no intermediates); a chain is part of the key.
+        key: str | tuple[str, ...] = (pem, *chain) if chain else pem
         return self._cached(
-            pem, lambda: self._verify(self._load(pem.encode(), pem=True), inter, pem=True)
+            key, lambda: self._verify(self._load(pem.encode(), pem=True), inter, pem=True)
         )
 
-    def _cached(self, key: bytes | str, compute: Callable[[], VerifiedPeer]) -> VerifiedPeer:
+    def _cached(
+        self,
+        key: bytes | str | tuple[bytes, ...] | tuple[str, ...],
+        compute: Callable[[], VerifiedPeer],
+    ) -> VerifiedPeer:
         bundles = self._bundles_fn()
         hit = self._cache.get(key)
         if hit is not None and hit[0] is bundles:
             outcome = hit[1]
             if isinstance(outcome, CertificateRejected):
-                raise outcome
+                # A new exception per hit: re-raising the cached one would grow its traceback
+                # (and keep every caller's frames alive) on each request.
+                raise CertificateRejected(str(outcome), reason=outcome.reason)
             if self._clock() <= outcome.not_after:
                 return outcome
         try:
-            result: VerifiedPeer | CertificateRejected = compute()
+            result = compute()
         except CertificateRejected as exc:
-            result = exc
+            # Time cures "not yet valid", so that refusal is not remembered; the others stand.
+            # The cache keeps a bare copy, without this call's traceback.
+            if exc.reason != "not-yet-valid":
+                self._store(key, bundles, CertificateRejected(str(exc), reason=exc.reason))
+            raise
+        self._store(key, bundles, result)
+        return result
+
+    def _store(
+        self, key: object, bundles: TrustBundles, result: VerifiedPeer | CertificateRejected
+    ) -> None:
         with self._lock:
             if len(self._cache) >= _CACHE_SIZE:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = (bundles, result)
-        if isinstance(result, CertificateRejected):
-            raise result
-        return result
 
     @staticmethod
     def _load(data: bytes, *, pem: bool) -> x509.Certificate:

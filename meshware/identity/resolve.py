@@ -24,7 +24,7 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,12 @@ class TrustedProxies:
 
     @classmethod
     def parse(cls, entries: Iterable[str]) -> TrustedProxies:
+        if isinstance(entries, str):
+            raise ConfigurationError(
+                "expected a list of entries, got a single string (wrap it in a list)",
+                field="trusted_proxies",
+                value=entries,
+            )
         networks: list[IpNetwork] = []
         ids: set[str] = set()
         for i, entry in enumerate(entries):
@@ -87,6 +93,15 @@ class TrustedProxies:
         return any(address in net for net in self.networks)
 
 
+_PEM_END = "-----END CERTIFICATE-----"
+
+
+def _split_pem(text: str) -> list[str]:
+    """Split concatenated PEM certificates."""
+    parts = text.split(_PEM_END)
+    return [part.strip() + "\n" + _PEM_END + "\n" for part in parts if part.strip()]
+
+
 @dataclass(frozen=True, slots=True)
 class Resolution:
     """The resolver's answer for one request.
@@ -113,6 +128,8 @@ class IdentityResolver:
         verifier: verifies peer certificates against the trust bundles.
         trusted_proxies: who may send ``x-forwarded-client-cert`` (strings or a
             :class:`TrustedProxies`); empty means nobody, so the header is never believed.
+        clock: monotonic seconds, for throttling the warnings logged about refused or
+            ignored identities (at most one per 10 seconds).
     """
 
     def __init__(
@@ -120,6 +137,7 @@ class IdentityResolver:
         verifier: PeerVerifier,
         *,
         trusted_proxies: TrustedProxies | Iterable[str] = (),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.verifier = verifier
         self.trusted_proxies = (
@@ -129,7 +147,9 @@ class IdentityResolver:
         )
         self.failures: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._last_log = 0.0
+        self._clock = clock
+        # -inf, not 0.0: a monotonic clock may start near zero, and the first event must log.
+        self._last_log = float("-inf")
         self._suppressed = 0
 
     # -- the two shells' entry points -------------------------------------------------------
@@ -193,7 +213,10 @@ class IdentityResolver:
             elements = parse_xfcc(header)
             element = elements[-1]
             if element.cert:
-                peer = self.verifier.verify_pem(element.cert)
+                # Envoy's Chain holds the whole chain, leaf included; the rest are intermediates.
+                chain = _split_pem(element.chain) if element.chain else []
+                intermediates = [c for c in chain if c.strip() != element.cert.strip()]
+                peer = self.verifier.verify_pem(element.cert, intermediates)
                 if element.uris and element.uris != (peer.spiffe_id.uri,):
                     raise CertificateRejected(
                         "x-forwarded-client-cert URI does not match its Cert",
@@ -237,7 +260,7 @@ class IdentityResolver:
         # Counted always; logged at most once per interval so hostile traffic cannot flood logs.
         with self._lock:
             self.failures[reason] += 1
-            now = time.monotonic()
+            now = self._clock()
             if now - self._last_log < _LOG_EVERY_SECONDS:
                 self._suppressed += 1
                 return

@@ -9,12 +9,13 @@ without telemetry, creates the record itself (``record_of_scope`` / ``record_of_
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from meshware.identity.identity import Identity
+    from meshware.policy.facts import RequestFacts
 
 RECORD_KEY = "meshware.record"
 """Scope / environ key of the request's ``RequestRecord``."""
@@ -36,9 +37,16 @@ class RequestRecord:
         authz_policy: name of the policy that decided, if any.
         authz_reason: a one-line explanation of the decision.
         authz_dry_run: the outcome a dry-run policy would have had (``"allow"``/``"deny"``).
+        authz_dry_run_policy: the dry-run policy that would have decided.
+        ratelimit_rule: the rate-limit rule whose verdict was reported.
         ratelimit: ``"allowed"``, ``"limited"``, ``"shadow-limited"``, ``"backend-error"``, or ``None``.
         route: the route template, where a framework has told us.
         extra: room for additional fields a layer wants in the access log.
+        claims: the validated JWT's claims, or ``None`` when no token was validated.
+        authz_rule: the index of the deciding policy's first matching rule, if any.
+        facts: the request's :class:`~meshware.policy.facts.RequestFacts`, built once by the
+            first layer that needs them (see ``meshware.inbound.facts``) and shared by the
+            layers after it.
     """
 
     request_id: str | None = None
@@ -49,9 +57,14 @@ class RequestRecord:
     authz_policy: str | None = None
     authz_reason: str | None = None
     authz_dry_run: str | None = None
+    authz_dry_run_policy: str | None = None
     ratelimit: str | None = None
+    ratelimit_rule: str | None = None
     route: str | None = None
     extra: dict[str, Any] | None = None
+    claims: Mapping[str, Any] | None = None
+    authz_rule: int | None = None
+    facts: RequestFacts | None = None
 
 
 def record_of(mapping: MutableMapping[str, Any]) -> RequestRecord:

@@ -539,28 +539,19 @@ class MeshMetrics:
         child.inc()
 
     def record_outcomes(self, record: RequestRecord) -> None:
-        """Count the authorization, rate-limit and identity outcomes inner layers noted.
-
-        ``RequestRecord`` has no field for the deciding rate-limit rule nor for the policy of a
-        dry-run outcome; they are read from ``record.extra["ratelimit_rule"]`` and
-        ``record.extra["authz_dry_run_policy"]`` when present (the dry-run outcome falls back
-        to ``record.authz_policy``).
-        """
+        """Count the authorization, rate-limit and identity outcomes inner layers noted."""
         if record.identity_error is not None:
             self.record_identity_failure(record.identity_error)
         if record.authz_decision is not None:
             self.record_authz(record.authz_decision, record.authz_policy)
-        extra = record.extra
         if record.authz_dry_run is not None:
-            policy = extra.get("authz_dry_run_policy") if extra else None
             self.record_authz(
                 record.authz_dry_run,
-                policy if isinstance(policy, str) else record.authz_policy,
+                record.authz_dry_run_policy or record.authz_policy,
                 dry_run=True,
             )
         if record.ratelimit is not None:
-            rule = extra.get("ratelimit_rule") if extra else None
-            self.record_ratelimit(rule if isinstance(rule, str) else None, record.ratelimit)
+            self.record_ratelimit(record.ratelimit_rule, record.ratelimit)
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """Render the metrics for a scrape: ``(body, content_type)``.

@@ -344,7 +344,8 @@ async def test_outcomes_of_inner_layers_are_counted(shell: Shell) -> None:
         authz_dry_run="deny",
         ratelimit="limited",
         identity_error="expired",
-        extra={"ratelimit_rule": "per-caller"},
+        ratelimit_rule="per-caller",
+        authz_dry_run_policy="orders-read",
     )
 
     await shell.request("GET", "/users/1")
