@@ -78,6 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CIDR|SPIFFE_ID",
         help="a peer allowed to send x-forwarded-client-cert (repeatable)",
     )
+    serve.add_argument(
+        "--health-port",
+        type=int,
+        help="also serve /livez and /readyz in plaintext on this port (probes carry no cert)",
+    )
+    serve.add_argument(
+        "--no-access-log", dest="access_log", action="store_false", help="no JSON access log"
+    )
+    serve.add_argument("--trace-exporter", default="none", choices=["none", "console", "otlp"])
+    serve.add_argument(
+        "--trace-sample", type=float, default=0.01, help="parent-based ratio (default: 0.01)"
+    )
+    serve.add_argument(
+        "--otlp-endpoint", help="OTLP/HTTP collector URL (with --trace-exporter otlp)"
+    )
     serve.add_argument("--app-dir", action="append", default=[], help="add to sys.path first")
     serve.add_argument("--log-level", default="warning")
     return parser
@@ -171,6 +186,11 @@ def _serve(args: argparse.Namespace) -> int:
         trusted_proxies=tuple(args.trusted_proxy),
         log_level=args.log_level,
         extra_paths=tuple(args.app_dir),
+        health_port=args.health_port,
+        access_log=args.access_log,
+        trace_exporter=args.trace_exporter,
+        trace_sample=args.trace_sample,
+        otlp_endpoint=args.otlp_endpoint,
     )
     serve(options)
     return 0

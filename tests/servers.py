@@ -22,12 +22,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+def wait_for_port(
+    port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{out}")
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
         time.sleep(0.05)
@@ -36,10 +37,22 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.
 
 @contextlib.contextmanager
 def meshware_serve(
-    app: str, *, service: str, cert_dir: Path, args: Sequence[str] = (), port: int | None = None
+    app: str,
+    *,
+    service: str,
+    cert_dir: Path,
+    args: Sequence[str] = (),
+    port: int | None = None,
+    log: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[int]:
-    """Run ``meshware serve APP`` on a free loopback port; yield the port; stop it cleanly."""
+    """Run ``meshware serve APP`` on a free loopback port; yield the port; stop it cleanly.
+
+    The server's output (its access log included) goes to ``log``, a file, never a pipe that
+    nobody reads (a full pipe would stall the server).
+    """
     port = port or free_port()
+    log = log or cert_dir.parent / f"serve-{service}-{port}.log"
     cmd = [
         *MESHWARE,
         "serve",
@@ -54,16 +67,17 @@ def meshware_serve(
         str(ROOT),
         *args,
     ]
+    out = log.open("wb")
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
-        stdout=subprocess.PIPE,
+        stdout=out,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         start_new_session=True,
     )
     try:
-        wait_for_port(port, proc)
+        wait_for_port(port, proc, log)
         yield port
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -73,5 +87,4 @@ def meshware_serve(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+        out.close()

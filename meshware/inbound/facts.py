@@ -15,7 +15,7 @@ earlier layer built the facts without headers and a later one needs them, they a
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, MutableMapping
-from dataclasses import replace
+from dataclasses import fields, replace
 from types import MappingProxyType
 from typing import Any, Final
 from urllib.parse import quote, urlsplit
@@ -33,6 +33,7 @@ __all__ = [
     "raw_path_of_environ",
     "raw_path_of_scope",
     "scope_headers",
+    "updated",
 ]
 
 _NO_CLAIMS: Final[Mapping[str, Any]] = MappingProxyType({})
@@ -56,14 +57,20 @@ def host_without_port(host: str) -> str:
 
 
 def scope_headers(scope: Mapping[str, Any]) -> dict[str, str]:
-    """The headers of an ASGI scope as a dict of lower-case names to values.
+    """The headers of an ASGI scope as a dict of names (lower-case, as ASGI servers give them)
+    to values.
 
     A repeated header's values are joined with ``", "`` (``"; "`` for ``cookie``, which
     HTTP/2 splits into several fields).
     """
-    headers: dict[str, str] = {}
-    for raw_name, raw_value in scope.get("headers") or ():
-        name = raw_name.decode("latin-1").lower()
+    raw = scope.get("headers") or ()
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
+    if len(headers) == len(raw):
+        return headers
+    # Some name is repeated: join its values in order.
+    headers = {}
+    for raw_name, raw_value in raw:
+        name = raw_name.decode("latin-1")
         value = raw_value.decode("latin-1")
         if name in headers:
             value = headers[name] + ("; " if name == "cookie" else ", ") + value
@@ -99,7 +106,7 @@ def raw_path_of_scope(scope: Mapping[str, Any]) -> str:
     raw = scope.get("raw_path")
     if isinstance(raw, bytes) and raw:
         cut = raw.find(b"?")
-        return encode_raw_path(raw if cut < 0 else raw[:cut])
+        return encode_raw_path(raw if cut < 0 else raw[:cut]) or "/"
     path: str = scope.get("path") or "/"
     return quote(path, safe=_PATH_SAFE)
 
@@ -117,7 +124,7 @@ def raw_path_of_environ(environ: Mapping[str, Any]) -> str:
             # absolute-form request target (a request meant for a proxy)
             raw = urlsplit(raw).path or "/"
         cut = raw.find("?")
-        return encode_raw_path((raw if cut < 0 else raw[:cut]).encode("latin-1", "replace"))
+        return encode_raw_path((raw if cut < 0 else raw[:cut]).encode("latin-1", "replace")) or "/"
     path = str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", ""))
     try:
         data = path.encode("latin-1")
@@ -140,8 +147,113 @@ def _principal_fields(record: RequestRecord) -> tuple[str | None, str | None]:
     return identity.principal, identity.namespace
 
 
+# RequestFacts is a frozen dataclass: its generated __init__ sets each of its twelve slots
+# through object.__setattr__, which costs more than the rest of building the facts together.
+# On this per-request path the slots are filled through their descriptors instead, when the
+# class has exactly the slots expected (otherwise the ordinary constructor is used).
+_FIELDS: Final = (
+    "method",
+    "path",
+    "query",
+    "host",
+    "port",
+    "headers",
+    "source_ip",
+    "source_principal",
+    "source_namespace",
+    "request_principal",
+    "claims",
+    "route",
+)
+
+
+def _slot_setters() -> tuple[Callable[[RequestFacts, Any], None], ...] | None:
+    if tuple(f.name for f in fields(RequestFacts)) != _FIELDS:
+        return None
+    setters = []
+    for name in _FIELDS:
+        descriptor = RequestFacts.__dict__.get(name)
+        if descriptor is None or type(descriptor).__name__ != "member_descriptor":
+            return None
+        setters.append(descriptor.__set__)
+    return tuple(setters)
+
+
+_SETTERS: Final = _slot_setters()
+
+
+def _make_slow(*values: Any) -> RequestFacts:
+    return RequestFacts(**dict(zip(_FIELDS, values, strict=True)))
+
+
+def _fast_maker() -> Callable[..., RequestFacts]:
+    if _SETTERS is None:
+        return _make_slow
+    new = object.__new__
+    (
+        set_method,
+        set_path,
+        set_query,
+        set_host,
+        set_port,
+        set_headers,
+        set_source_ip,
+        set_source_principal,
+        set_source_namespace,
+        set_request_principal,
+        set_claims,
+        set_route,
+    ) = _SETTERS
+
+    def make(
+        method: str,
+        path: str,
+        query: str,
+        host: str,
+        port: int | None,
+        headers: Mapping[str, str],
+        source_ip: str | None,
+        source_principal: str | None,
+        source_namespace: str | None,
+        request_principal: str | None,
+        claims: Mapping[str, Any],
+        route: str | None,
+    ) -> RequestFacts:
+        facts: RequestFacts = new(RequestFacts)
+        set_method(facts, method)
+        set_path(facts, path)
+        set_query(facts, query)
+        set_host(facts, host)
+        set_port(facts, port)
+        set_headers(facts, headers)
+        set_source_ip(facts, source_ip)
+        set_source_principal(facts, source_principal)
+        set_source_namespace(facts, source_namespace)
+        set_request_principal(facts, request_principal)
+        set_claims(facts, claims)
+        set_route(facts, route)
+        return facts
+
+    return make
+
+
+_make: Final = _fast_maker()
+"""``RequestFacts`` from the values of all its fields, in ``_FIELDS`` order."""
+
+
+def updated(facts: RequestFacts, **changes: Any) -> RequestFacts:
+    """``dataclasses.replace(facts, **changes)``, built the fast way (see ``_make``)."""
+    if _SETTERS is None:
+        return replace(facts, **changes)
+    return _make(*(changes[name] if name in changes else getattr(facts, name) for name in _FIELDS))
+
+
 def facts_from_scope(
-    scope: MutableMapping[str, Any], record: RequestRecord | None = None, *, headers: bool = True
+    scope: MutableMapping[str, Any],
+    record: RequestRecord | None = None,
+    *,
+    headers: bool = True,
+    path: str | None = None,
 ) -> RequestFacts:
     """The facts of an ASGI request, built once and cached on its record.
 
@@ -150,6 +262,9 @@ def facts_from_scope(
         record: the request's record; looked up (or created) in the scope when omitted.
         headers: whether the caller reads ``RequestFacts.headers``. Without it, facts built
             here carry no headers until a later call asks for them.
+        path: the path to record instead of the one the scope holds: the authorization layer
+            passes the normalized path it hands to the application, so that the layers after
+            it decide on the same path the application routes.
 
     Returns:
         The facts: method (``"GET"`` for a websocket), the raw path (see
@@ -161,11 +276,11 @@ def facts_from_scope(
         record = record_of(scope)
     facts = record.facts
     if facts is not None:
-        return _current(facts, record, headers, scope_headers, scope)
+        return _current(facts, record, headers, scope_headers, scope, path)
     server = scope.get("server")
     client = scope.get("client")
     principal, namespace = _principal_fields(record)
-    query = scope.get("query_string") or b""
+    query = scope.get("query_string")
     collected: Mapping[str, str]
     if headers:
         collected = scope_headers(scope)
@@ -173,26 +288,29 @@ def facts_from_scope(
     else:
         collected = _UNCOLLECTED
         host = _scope_host(scope)
-    facts = RequestFacts(
-        method=scope.get("method", "GET"),
-        path=raw_path_of_scope(scope),
-        query=query.decode("latin-1") if query else "",
-        host=host,
-        port=server[1] if server else None,
-        headers=collected,
-        source_ip=client[0] if client else None,
-        source_principal=principal,
-        source_namespace=namespace,
-        request_principal=record.request_principal,
-        claims=record.claims or _NO_CLAIMS,
-        route=record.route,
+    facts = record.facts = _make(
+        scope.get("method", "GET"),
+        raw_path_of_scope(scope) if path is None else path,
+        query.decode("latin-1") if query else "",
+        host,
+        server[1] if server else None,
+        collected,
+        client[0] if client else None,
+        principal,
+        namespace,
+        record.request_principal,
+        record.claims or _NO_CLAIMS,
+        record.route,
     )
-    record.facts = facts
     return facts
 
 
 def facts_from_environ(
-    environ: MutableMapping[str, Any], record: RequestRecord | None = None, *, headers: bool = True
+    environ: MutableMapping[str, Any],
+    record: RequestRecord | None = None,
+    *,
+    headers: bool = True,
+    path: str | None = None,
 ) -> RequestFacts:
     """The facts of a WSGI request, built once and cached on its record.
 
@@ -204,25 +322,23 @@ def facts_from_environ(
         record = record_of(environ)
     facts = record.facts
     if facts is not None:
-        return _current(facts, record, headers, environ_headers, environ)
+        return _current(facts, record, headers, environ_headers, environ, path)
     principal, namespace = _principal_fields(record)
     port = environ.get("SERVER_PORT")
-    collected: Mapping[str, str] = environ_headers(environ) if headers else _UNCOLLECTED
-    facts = RequestFacts(
-        method=environ.get("REQUEST_METHOD", "GET"),
-        path=raw_path_of_environ(environ),
-        query=environ.get("QUERY_STRING", ""),
-        host=host_without_port(environ.get("HTTP_HOST", "")),
-        port=int(port) if isinstance(port, str) and port.isdigit() else None,
-        headers=collected,
-        source_ip=environ.get("REMOTE_ADDR") or None,
-        source_principal=principal,
-        source_namespace=namespace,
-        request_principal=record.request_principal,
-        claims=record.claims or _NO_CLAIMS,
-        route=record.route,
+    facts = record.facts = _make(
+        environ.get("REQUEST_METHOD", "GET"),
+        raw_path_of_environ(environ) if path is None else path,
+        environ.get("QUERY_STRING", ""),
+        host_without_port(environ.get("HTTP_HOST", "")),
+        int(port) if isinstance(port, str) and port.isdigit() else None,
+        environ_headers(environ) if headers else _UNCOLLECTED,
+        environ.get("REMOTE_ADDR") or None,
+        principal,
+        namespace,
+        record.request_principal,
+        record.claims or _NO_CLAIMS,
+        record.route,
     )
-    record.facts = facts
     return facts
 
 
@@ -232,6 +348,7 @@ def _current(
     headers: bool,
     collect: Callable[[Mapping[str, Any]], dict[str, str]],
     source: Mapping[str, Any],
+    path: str | None,
 ) -> RequestFacts:
     """The cached facts, updated with what inner layers learned since they were built."""
     missing = headers and facts.headers is _UNCOLLECTED
@@ -239,6 +356,7 @@ def _current(
         not missing
         and facts.route is record.route
         and facts.request_principal is record.request_principal
+        and (path is None or path is facts.path)
     ):
         return facts
     changes: dict[str, Any] = {}
@@ -249,9 +367,11 @@ def _current(
     if facts.request_principal != record.request_principal:
         changes["request_principal"] = record.request_principal
         changes["claims"] = record.claims or _NO_CLAIMS
+    if path is not None and path != facts.path:
+        changes["path"] = path
     if not changes:
         return facts
-    facts = record.facts = replace(facts, **changes)
+    facts = record.facts = updated(facts, **changes)
     return facts
 
 

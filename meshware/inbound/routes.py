@@ -13,6 +13,7 @@ that metrics and the access log are labelled with ``/users/{id}`` rather than ``
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, runtime_checkable
@@ -74,31 +75,25 @@ class RouteResolver(Protocol):
 class _Cache:
     """A bounded dict: paths are chosen by clients, so the memory they may take is capped."""
 
-    __slots__ = ("_data", "_size")
+    __slots__ = ("_size", "data")
 
     def __init__(self, size: int) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigurationError("expected a positive integer", field="cache_size", value=size)
         self._size = size
-        self._data: dict[tuple[Any, ...], RouteMatch | None] = {}
-
-    def get(self, key: tuple[Any, ...]) -> RouteMatch | None | bool:
-        # False means "not cached" (a cached miss is None).
-        return self._data.get(key, False)
+        self.data: dict[tuple[Any, ...], RouteMatch | None] = {}
 
     def put(self, key: tuple[Any, ...], value: RouteMatch | None) -> None:
-        data = self._data
+        data = self.data
         if len(data) >= self._size:
             # Oldest first: dicts keep insertion order. Races between threads only cost a
             # second resolution, never a wrong answer.
-            try:
+            with contextlib.suppress(StopIteration, KeyError, RuntimeError):
                 del data[next(iter(data))]
-            except (StopIteration, KeyError, RuntimeError):
-                pass
         data[key] = value
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self.data)
 
 
 class StarletteRoutes:
@@ -107,9 +102,10 @@ class StarletteRoutes:
     Walks ``app.routes`` as Starlette's router does, with each route's own
     ``route.matches(scope)``: the first route that fully matches wins, and a ``Mount`` (or
     ``Host``) with routes of its own is searched recursively, its path prefix joined to the
-    template. A mounted application without routes (a static-files app, a sub-app of another
-    framework) is the handler itself, with the mount's path as the template. A request that
-    matches only a route of another method (Starlette answers 405) resolves to ``None``.
+    template; FastAPI's included routers are searched the same way. A mounted application
+    without routes (a static-files app, a sub-app of another framework) is the handler
+    itself, with the mount's path as the template. A request that matches only a route of
+    another method (Starlette answers 405) resolves to ``None``.
 
     Results are cached per (scope type, method, root path, path), plus the ``Host`` header
     when the application has ``Host`` routes, in a cache of at most ``cache_size`` entries.
@@ -124,7 +120,7 @@ class StarletteRoutes:
         ConfigurationError: ``app`` has no ``routes`` or ``cache_size`` is not positive.
     """
 
-    __slots__ = ("_by_host", "_cache", "_full", "_mount", "_host", "app")
+    __slots__ = ("_by_host", "_cache", "_full", "_host", "_mount", "app")
 
     def __init__(self, app: Any, *, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         from starlette.routing import Host, Match, Mount
@@ -164,9 +160,10 @@ class StarletteRoutes:
                     host = value
                     break
         key = (kind, method, root_path, path, host)
-        found = self._cache.get(key)
-        if found is not False:
-            return found  # type: ignore[return-value]
+        try:
+            return self._cache.data[key]
+        except KeyError:
+            pass
         probe: dict[str, Any] = {
             "type": kind,
             "method": method,
@@ -194,10 +191,39 @@ class StarletteRoutes:
                 if not inner:
                     return RouteMatch(prefix + mount_path, route.app)
                 return self._search(inner, {**scope, **child}, prefix + mount_path)
+            candidates = getattr(route, "effective_candidates", None)
+            if callable(candidates):
+                return self._search_included(candidates(), {**scope, **child}, prefix)
             template = getattr(route, "path", None)
             if not isinstance(template, str):
                 return None
             return RouteMatch(prefix + template, child.get("endpoint", route))
+        return None
+
+    def _search_included(
+        self, candidates: list[Any], scope: dict[str, Any], prefix: str
+    ) -> RouteMatch | None:
+        # FastAPI keeps an included APIRouter as one route whose candidates carry the prefixed
+        # paths: nested included routers, copies of Starlette routes, or API route contexts.
+        for candidate in candidates:
+            nested = getattr(candidate, "effective_candidates", None)
+            copy = getattr(candidate, "starlette_route", None)
+            if callable(nested):
+                match, child = candidate.matches(scope)
+                if match is self._full:
+                    return self._search_included(nested(), {**scope, **child}, prefix)
+            elif copy is not None:
+                match, _ = copy.matches(scope)
+                if match is self._full:
+                    return self._search([copy], scope, prefix)
+            else:
+                match, child = candidate.matches(scope)
+                if match is self._full:
+                    path = getattr(candidate, "path", None)
+                    endpoint = child.get("endpoint") or getattr(candidate, "endpoint", None)
+                    if not isinstance(path, str) or endpoint is None:
+                        return None
+                    return RouteMatch(prefix + path, endpoint)
         return None
 
     def __repr__(self) -> str:
@@ -255,9 +281,10 @@ class FlaskRoutes:
             environ.get("PATH_INFO", ""),
             environ.get("HTTP_HOST") if self._by_host else None,
         )
-        found = self._cache.get(key)
-        if found is not False:
-            return found  # type: ignore[return-value]
+        try:
+            return self._cache.data[key]
+        except KeyError:
+            pass
         match = self._match(environ)
         self._cache.put(key, match)
         return match

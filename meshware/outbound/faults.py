@@ -68,9 +68,7 @@ def _check_percentage(value: object, field: str) -> float:
         or math.isnan(value)
         or not 0.0 <= value <= 100.0
     ):
-        raise ConfigurationError(
-            "expected a percentage from 0 to 100", field=field, value=value
-        )
+        raise ConfigurationError("expected a percentage from 0 to 100", field=field, value=value)
     return float(value)
 
 
@@ -238,13 +236,9 @@ class FaultInjection:
                 "expected a delay, an abort, or both", field="fault", value=None
             )
         if self.delay is not None and not isinstance(self.delay, FaultDelay):
-            raise ConfigurationError(
-                "expected a FaultDelay", field="fault.delay", value=self.delay
-            )
+            raise ConfigurationError("expected a FaultDelay", field="fault.delay", value=self.delay)
         if self.abort is not None and not isinstance(self.abort, FaultAbort):
-            raise ConfigurationError(
-                "expected a FaultAbort", field="fault.abort", value=self.abort
-            )
+            raise ConfigurationError("expected a FaultAbort", field="fault.abort", value=self.abort)
         delay_s = self.delay.fixed_delay if self.delay is not None else 0.0
         status = self.abort.http_status if self.abort is not None else None
         object.__setattr__(self, "_both", FaultDecision(delay_s, status))

@@ -17,6 +17,7 @@ import socket
 import ssl
 from typing import Any
 
+from meshware.inbound.responses import send_json
 from meshware.server.tls import TLS_HANDSHAKE_FIRST_BYTE, MtlsMode, ReloadingServerTLS
 from meshware.types import ASGIApp, Receive, Scope, Send
 
@@ -60,8 +61,33 @@ def _with_tls(app: ASGIApp, tls: dict[str, Any]) -> ASGIApp:
     return app_with_tls
 
 
-def mesh_protocol_class(tls: ReloadingServerTLS | None, mode: MtlsMode) -> type[asyncio.Protocol]:
-    """An HTTP protocol class for ``uvicorn.Config(http=...)`` applying ``mode``."""
+def health_only(app: ASGIApp, paths: frozenset[str]) -> ASGIApp:
+    """An app for the plaintext health port: ``paths`` go to ``app``, anything else is 404."""
+    body = b'{"status":404,"error":"not_found","detail":"only health paths are served here"}'
+
+    async def health_port_app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in paths:
+            await app(scope, receive, send)
+        elif scope["type"] == "http":
+            await send_json(send, 404, body)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+
+    return health_port_app
+
+
+def mesh_protocol_class(
+    tls: ReloadingServerTLS | None,
+    mode: MtlsMode,
+    *,
+    health_port: int | None = None,
+    health_app: ASGIApp | None = None,
+) -> type[asyncio.Protocol]:
+    """An HTTP protocol class for ``uvicorn.Config(http=...)`` applying ``mode``.
+
+    Connections to ``health_port`` (a second listening socket) are plaintext and served by
+    ``health_app``, so kubelet probes, which carry no client certificate, work under STRICT.
+    """
 
     class MeshHttpProtocol(asyncio.Protocol):
         def __init__(
@@ -79,6 +105,12 @@ def mesh_protocol_class(tls: ReloadingServerTLS | None, mode: MtlsMode) -> type[
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             assert isinstance(transport, asyncio.Transport)
             self._transport = transport
+            if health_port is not None and health_app is not None:
+                sockname = transport.get_extra_info("sockname")
+                if sockname and sockname[1] == health_port:
+                    self._inner.app = health_app
+                    self._plaintext()
+                    return
             if mode is MtlsMode.DISABLE or tls is None:
                 self._plaintext()
             elif mode is MtlsMode.STRICT:

@@ -7,17 +7,22 @@ every request carries the caller's verified identity.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
+import os
+import shutil
+import socket
 import ssl
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from meshware.exceptions import ConfigurationError
-from meshware.identity.bundle import PeerVerifier
+from meshware.identity.bundle import PeerVerifier, TrustBundles
 from meshware.identity.ca import ServicePaths
 from meshware.identity.resolve import IdentityResolver, TrustedProxies
 from meshware.server.tls import MtlsMode, ReloadingServerTLS
@@ -44,6 +49,11 @@ class ServeOptions:
     trusted_proxies: tuple[str, ...] = ()
     log_level: str = "warning"
     extra_paths: tuple[str, ...] = field(default=())
+    health_port: int | None = None
+    access_log: bool = True
+    trace_exporter: Literal["none", "console", "otlp"] = "none"
+    trace_sample: float = 0.01
+    otlp_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         if ":" not in self.app:
@@ -54,6 +64,18 @@ class ServeOptions:
             raise ConfigurationError("must be at least 1", field="workers", value=self.workers)
         if self.threads < 1:
             raise ConfigurationError("must be at least 1", field="threads", value=self.threads)
+        if self.health_port is not None and (
+            not 0 < self.health_port <= 65535 or self.health_port == self.port
+        ):
+            raise ConfigurationError(
+                "expected a port 1-65535 other than --port",
+                field="health_port",
+                value=self.health_port,
+            )
+        if not 0.0 <= self.trace_sample <= 1.0:
+            raise ConfigurationError(
+                "expected a ratio from 0 to 1", field="trace_sample", value=self.trace_sample
+            )
 
 
 def import_app(reference: str) -> Any:
@@ -84,22 +106,105 @@ def detect_interface(app: Any) -> Literal["asgi", "wsgi"]:
     return "asgi" if inspect.iscoroutinefunction(call) else "wsgi"
 
 
+HEALTH_PATHS = frozenset({"/livez", "/readyz"})
+
+
 def _tls(options: ServeOptions) -> ReloadingServerTLS | None:
     if options.mtls is MtlsMode.DISABLE:
         return None
     paths = ServicePaths.under(options.cert_dir, options.service, options.namespace)
     return ReloadingServerTLS(
-        cert_file=paths.cert, key_file=paths.key, bundle_file=paths.bundle, mode=options.mtls
+        cert_file=paths.cert,
+        key_file=paths.key,
+        bundle_file=paths.bundle,
+        mode=options.mtls,
+        plaintext_port=options.health_port,
     )
 
 
-def _resolver(tls: ReloadingServerTLS | None, options: ServeOptions) -> IdentityResolver | None:
-    if tls is None:
-        return None
-    return IdentityResolver(
-        PeerVerifier(lambda: tls.bundles),
-        trusted_proxies=TrustedProxies.parse(options.trusted_proxies),
+def _bundle_source(tls: ReloadingServerTLS | None, options: ServeOptions) -> Any:
+    """Where the identity layer gets trust bundles: the server's reloading ones under TLS; the
+    service's bundle file when TLS is off (callers can still be proven by a trusted proxy's
+    XFCC); none when there is no bundle at all."""
+    if tls is not None:
+        return lambda: tls.bundles
+    bundle = ServicePaths.under(options.cert_dir, options.service, options.namespace).bundle
+    return str(bundle) if bundle.exists() else None
+
+
+def _routes(app: Any) -> Any:
+    """Route templates for metric labels and per-route policies, for the frameworks we know."""
+    from meshware.inbound.routes import FlaskRoutes, StarletteRoutes
+
+    with contextlib.suppress(ImportError):
+        from starlette.applications import Starlette
+
+        if isinstance(app, Starlette):
+            return StarletteRoutes(app)
+    with contextlib.suppress(ImportError):
+        from flask import Flask
+
+        if isinstance(app, Flask):
+            return FlaskRoutes(app)
+    return None
+
+
+def inbound_app(
+    app: Any,
+    interface: Literal["asgi", "wsgi"],
+    tls: ReloadingServerTLS | None,
+    options: ServeOptions,
+) -> Any:
+    """The app as served: the user's own mesh stack, or the default stack around a plain app.
+
+    A plain app gets telemetry (Istio metrics at ``/metrics``, access log, tracing as asked),
+    health (``/livez``, ``/readyz``), deadlines and identity. A stack the user built
+    (``build_asgi_stack``) is served as it is; if it has no identity layer and the server does
+    TLS, an identity layer is put outside it so its handlers still see the caller.
+    """
+    bundles = _bundle_source(tls, options)
+    if getattr(app, "__meshware_stack__", False):
+        if getattr(app, "resolver", None) is not None or bundles is None:
+            return app
+        resolver = IdentityResolver(
+            PeerVerifier(bundles if callable(bundles) else TrustBundles.from_file(bundles)),
+            trusted_proxies=TrustedProxies.parse(options.trusted_proxies),
+        )
+        if interface == "asgi":
+            from meshware.inbound.asgi.identity import IdentityMiddleware as AsgiIdentity
+
+            return AsgiIdentity(app, resolver=resolver)
+        from meshware.inbound.wsgi.identity import IdentityMiddleware as WsgiIdentity
+
+        return WsgiIdentity(app, resolver=resolver)
+
+    from meshware.inbound.stack import InboundConfig
+    from meshware.telemetry.tracing import TracingConfig
+
+    tracing = None
+    if options.trace_exporter != "none":
+        tracing = TracingConfig(
+            service_name=options.service,
+            sampler_ratio=options.trace_sample,
+            exporter=options.trace_exporter,
+            otlp_endpoint=options.otlp_endpoint,
+        )
+    config = InboundConfig(
+        service=options.service,
+        namespace=options.namespace,
+        bundle=bundles,
+        trusted_proxies=options.trusted_proxies,
+        tracing=tracing,
+        access_log=options.access_log,
+        routes=_routes(app),
     )
+    if interface == "asgi":
+        from meshware.inbound.asgi.stack import build_asgi_stack
+
+        return build_asgi_stack(app, config)
+    from meshware.inbound.wsgi.stack import build_wsgi_stack
+
+    return build_wsgi_stack(app, config)
 
 
 def _plaintext_scheme(app: Any) -> Any:
@@ -113,58 +218,106 @@ def _plaintext_scheme(app: Any) -> Any:
     return app_with_scheme
 
 
+def _health_port_wsgi(app: Any, port: int) -> Any:
+    """On gunicorn's plaintext health port, answer only the health paths."""
+    body = b'{"status":404,"error":"not_found","detail":"only health paths are served here"}'
+    port_text = str(port)
+
+    def health_port_app(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("SERVER_PORT") == port_text and environ.get("PATH_INFO") not in HEALTH_PATHS:
+            start_response(
+                "404 Not Found",
+                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+            )
+            return [body]
+        return app(environ, start_response)
+
+    return health_port_app
+
+
+def _multiprocess_metrics(options: ServeOptions) -> str | None:
+    """Several gunicorn workers share one /metrics through prometheus-client's multiprocess
+    mode; the directory must be set before prometheus_client is first imported."""
+    if options.workers < 2 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    directory = tempfile.mkdtemp(prefix=f"meshware-{options.service}-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    return directory
+
+
 def serve(options: ServeOptions) -> None:
     """Serve until interrupted. Configuration errors surface before any socket is opened."""
     for path in options.extra_paths:
         sys.path.insert(0, path)
-    app = import_app(options.app)
-    interface = detect_interface(app) if options.interface == "auto" else options.interface
-    tls = _tls(options)
-    resolver = _resolver(tls, options)
-    if interface == "asgi":
-        _serve_asgi(app, tls, resolver, options)
-    else:
-        _serve_wsgi(app, tls, resolver, options)
+    metrics_dir = _multiprocess_metrics(options)
+    try:
+        app = import_app(options.app)
+        interface = detect_interface(app) if options.interface == "auto" else options.interface
+        if interface == "asgi" and options.workers > 1:
+            raise ConfigurationError(
+                "ASGI apps are served by one uvicorn process; run several instances instead",
+                field="workers",
+                value=options.workers,
+            )
+        tls = _tls(options)
+        served = inbound_app(app, interface, tls, options)
+        if interface == "asgi":
+            _serve_asgi(served, tls, options)
+        else:
+            _serve_wsgi(served, tls, options)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _serve_asgi(
-    app: Any,
-    tls: ReloadingServerTLS | None,
-    resolver: IdentityResolver | None,
-    options: ServeOptions,
-) -> None:
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigurationError(
+            f"cannot listen on {host}:{port}: {exc.strerror}", field="port", value=port
+        ) from exc
+    sock.listen(2048)
+    return sock
+
+
+def _serve_asgi(app: Any, tls: ReloadingServerTLS | None, options: ServeOptions) -> None:
     import uvicorn
 
-    from meshware.inbound.asgi.identity import IdentityMiddleware
-    from meshware.server.asgi_server import mesh_protocol_class
+    from meshware.server.asgi_server import health_only, mesh_protocol_class
 
-    wrapped = IdentityMiddleware(app, resolver=resolver) if resolver is not None else app
+    health_app = health_only(app, HEALTH_PATHS) if options.health_port is not None else None
     config = uvicorn.Config(
-        wrapped,
+        app,
         host=options.host,
         port=options.port,
-        http=mesh_protocol_class(tls, options.mtls),
+        http=mesh_protocol_class(
+            tls, options.mtls, health_port=options.health_port, health_app=health_app
+        ),
         lifespan="auto",
         log_level=options.log_level,
         access_log=False,
         server_header=False,
     )
-    uvicorn.Server(config).run()
+    sockets = [_listen(options.host, options.port)]
+    if options.health_port is not None:
+        sockets.append(_listen(options.host, options.health_port))
+    uvicorn.Server(config).run(sockets=sockets)
 
 
-def _serve_wsgi(
-    app: Any,
-    tls: ReloadingServerTLS | None,
-    resolver: IdentityResolver | None,
-    options: ServeOptions,
-) -> None:
+def _serve_wsgi(app: Any, tls: ReloadingServerTLS | None, options: ServeOptions) -> None:
     from gunicorn.app.base import BaseApplication
 
-    from meshware.inbound.wsgi.identity import IdentityMiddleware
-
-    wrapped = IdentityMiddleware(app, resolver=resolver) if resolver is not None else app
+    binds = [f"{options.host}:{options.port}"]
+    if options.health_port is not None:
+        binds.append(f"{options.host}:{options.health_port}")
+        app = _health_port_wsgi(app, options.health_port)
     settings: dict[str, Any] = {
-        "bind": f"{options.host}:{options.port}",
+        "bind": binds,
         "workers": options.workers,
         "worker_class": "gthread",
         "threads": options.threads,
@@ -172,6 +325,13 @@ def _serve_wsgi(
         "accesslog": None,
         "graceful_timeout": 10,
     }
+    health = getattr(app, "health", None)
+    if health is not None:
+        from meshware.inbound.wsgi.health import gunicorn_hooks
+
+        settings.update(gunicorn_hooks(health))
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        settings["child_exit"] = _mark_worker_dead
     if tls is not None:
         paths = ServicePaths.under(options.cert_dir, options.service, options.namespace)
         settings.update(
@@ -179,12 +339,12 @@ def _serve_wsgi(
             keyfile=str(paths.key),
             ca_certs=str(paths.bundle),
             ssl_context=lambda conf, default_factory: tls.context,
-            # The handshake happens inside wrap_socket, which also lets PERMISSIVE mode hand
-            # back a plain socket for a plaintext connection.
+            # The handshake happens inside wrap_socket, which also lets PERMISSIVE mode and the
+            # health port hand back a plain socket.
             do_handshake_on_connect=True,
         )
-        if options.mtls is MtlsMode.PERMISSIVE:
-            wrapped = _plaintext_scheme(wrapped)
+        if options.mtls is MtlsMode.PERMISSIVE or options.health_port is not None:
+            app = _plaintext_scheme(app)
 
     class MeshGunicorn(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -192,6 +352,12 @@ def _serve_wsgi(
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
-            return wrapped
+            return app
 
     MeshGunicorn().run()
+
+
+def _mark_worker_dead(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

@@ -65,9 +65,12 @@ class SniffingSSLContext(ssl.SSLContext):
     """
 
     allow_plaintext: bool = False
+    plaintext_port: int | None = None
     peek_timeout: float = 10.0
 
     def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> Any:
+        if self.plaintext_port is not None and sock.getsockname()[1] == self.plaintext_port:
+            return sock  # the health port: plaintext, health paths only
         if self.allow_plaintext and not starts_with_tls(sock, self.peek_timeout):
             return sock
         return super().wrap_socket(sock, *args, **kwargs)
@@ -121,6 +124,8 @@ class ReloadingServerTLS:
         key_file: the service's private key (PEM).
         bundle_file: the trust bundle (PEM) clients' certificates are verified against.
         mode: the mTLS mode (STRICT requires client certificates).
+        plaintext_port: a listening port whose connections stay plaintext (the health port);
+            only for socket-based servers (gunicorn).
         check_interval: seconds between checks of the files' modification times.
         clock: monotonic time source.
 
@@ -136,6 +141,7 @@ class ReloadingServerTLS:
         key_file: str | os.PathLike[str],
         bundle_file: str | os.PathLike[str],
         mode: MtlsMode = MtlsMode.STRICT,
+        plaintext_port: int | None = None,
         check_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -143,6 +149,7 @@ class ReloadingServerTLS:
         self.key_file = Path(key_file)
         self.bundle_file = Path(bundle_file)
         self.mode = mode
+        self.plaintext_port = plaintext_port
         self.check_interval = check_interval
         self._clock = clock
         self._lock = threading.Lock()
@@ -188,6 +195,7 @@ class ReloadingServerTLS:
         ctx.load_verify_locations(cadata=bundle_pem)
         ctx.verify_mode = ssl.CERT_REQUIRED if self.mode is MtlsMode.STRICT else ssl.CERT_OPTIONAL
         ctx.allow_plaintext = self.mode is MtlsMode.PERMISSIVE
+        ctx.plaintext_port = self.plaintext_port
         ctx.set_alpn_protocols(["http/1.1"])
         return ctx, cert_pem, bundles
 

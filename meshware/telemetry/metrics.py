@@ -46,6 +46,7 @@ __all__ = [
     "InboundRecorder",
     "MeshMetrics",
     "MetricsNaming",
+    "OutboundRecorder",
     "WorkloadInfo",
 ]
 
@@ -221,6 +222,38 @@ class WorkloadInfo:
             self.cluster or UNKNOWN,  # destination_cluster
         )
 
+    def source_labels(self) -> tuple[str, ...]:
+        """The ``source_*`` label values of the calls this service makes, in
+        :data:`ISTIO_LABELS` order (``reporter="source"`` metrics)."""
+        return (
+            self.workload or self.service,  # source_workload
+            self.service,  # source_canonical_service
+            self.version or "latest",  # source_canonical_revision
+            self.namespace,  # source_workload_namespace
+            self.spiffe_id,  # source_principal
+            self.service,  # source_app
+            self.version or UNKNOWN,  # source_version
+            self.cluster or UNKNOWN,  # source_cluster
+        )
+
+    def service_of(self, host: str) -> tuple[str, str, str]:
+        """How a call from this service names the mesh service at ``host``:
+        ``(name, namespace, fully qualified host)``.
+
+        A short name is in this service's namespace, as Kubernetes resolves it:
+        ``"payments"`` gives ``("payments", "default", "payments.default.svc.cluster.local")``;
+        ``"payments.shop"`` and ``"payments.shop.svc.cluster.local"`` name namespace
+        ``shop``. Any other dotted name (``"api.example.com"``) is its own service, in this
+        service's namespace, with the name as its host.
+        """
+        name = host.lower().rstrip(".")
+        labels = name.split(".")
+        if len(labels) == 1:
+            return name, self.namespace, f"{name}.{self.namespace}.svc.{self.trust_domain}"
+        if len(labels) == 2 or labels[2] == "svc":
+            return labels[0], labels[1], f"{labels[0]}.{labels[1]}.svc.{self.trust_domain}"
+        return name, self.namespace, name
+
 
 class _Bounded:
     """Passes through the first ``limit`` distinct values of a label, then answers ``other``."""
@@ -318,6 +351,8 @@ class MeshMetrics:
         "_identity_failures",
         "_max_label_values",
         "_naming",
+        "_outbound",
+        "_outbound_recorders",
         "_ratelimit",
         "_ratelimit_children",
         "_recorders",
@@ -367,6 +402,8 @@ class MeshMetrics:
             registry = REGISTRY if use_global_registry else CollectorRegistry(auto_describe=True)
         self._registry = registry
         self._recorders: dict[WorkloadInfo, InboundRecorder] = {}
+        self._outbound: _OutboundMetrics | None = None
+        self._outbound_recorders: dict[WorkloadInfo, OutboundRecorder] = {}
         self._authz_children: dict[tuple[str, str | None, bool], Any] = {}
         self._ratelimit_children: dict[tuple[str, str], Any] = {}
         self._identity_children: dict[str, Any] = {}
@@ -491,6 +528,29 @@ class MeshMetrics:
                     "expected a WorkloadInfo", field="workload", value=workload
                 )
             recorder = self._recorders[workload] = InboundRecorder(self, workload)
+        return recorder
+
+    def outbound(self, workload: WorkloadInfo) -> OutboundRecorder:
+        """Return the recorder of the calls ``workload`` makes (one per workload).
+
+        The first call registers the outbound metrics: under ``"istio"`` naming the same
+        ``istio_*`` metrics with ``reporter="source"``, under ``"otel"`` naming
+        ``http_client_request_duration_seconds`` and the client body-size histograms; under
+        both, the ``meshware_outbound_*`` counters.
+
+        Raises:
+            ConfigurationError: ``workload`` is not a :class:`WorkloadInfo`.
+        """
+        recorder = self._outbound_recorders.get(workload)
+        if recorder is None:
+            if not isinstance(workload, WorkloadInfo):
+                raise ConfigurationError(
+                    "expected a WorkloadInfo", field="workload", value=workload
+                )
+            if self._outbound is None:
+                self._outbound = _OutboundMetrics(self)
+            recorder = OutboundRecorder(self, workload)
+            self._outbound_recorders[workload] = recorder
         return recorder
 
     def record_authz(self, decision: str, policy: str | None, *, dry_run: bool = False) -> None:
@@ -736,3 +796,339 @@ class InboundRecorder:
         )
         self._children[key] = children
         return children
+
+
+OTEL_CLIENT_LABELS: Final[tuple[str, ...]] = (
+    "http_request_method",
+    "http_response_status_code",
+    "server_address",
+    "url_scheme",
+    "network_protocol_name",
+    "network_protocol_version",
+    "error_type",
+)
+
+
+class _OutboundMetrics:
+    """The outbound-only metrics of a :class:`MeshMetrics`, registered on first use."""
+
+    __slots__ = (
+        "breaker_transitions",
+        "budget_exhausted",
+        "client_duration",
+        "client_request_bytes",
+        "client_response_bytes",
+        "ejections",
+        "retries",
+    )
+
+    def __init__(self, metrics: MeshMetrics) -> None:
+        owned: list[Counter | Histogram] = []
+        self.client_duration: Histogram | None = None
+        self.client_request_bytes: Histogram | None = None
+        self.client_response_bytes: Histogram | None = None
+        if metrics.naming == "otel":
+            self.client_duration = Histogram(
+                "http_client_request_duration",
+                "Duration of HTTP client requests.",
+                OTEL_CLIENT_LABELS,
+                unit="seconds",
+                buckets=metrics._duration_buckets,
+                registry=None,
+            )
+            self.client_request_bytes = Histogram(
+                "http_client_request_body_size",
+                "Size of HTTP client request bodies.",
+                OTEL_CLIENT_LABELS,
+                unit="bytes",
+                buckets=metrics._byte_buckets,
+                registry=None,
+            )
+            self.client_response_bytes = Histogram(
+                "http_client_response_body_size",
+                "Size of HTTP client response bodies.",
+                OTEL_CLIENT_LABELS,
+                unit="bytes",
+                buckets=metrics._byte_buckets,
+                registry=None,
+            )
+            owned += [self.client_duration, self.client_request_bytes, self.client_response_bytes]
+        self.retries = Counter(
+            "meshware_outbound_retries",
+            "Retries made by outbound calls, by destination and retryOn condition.",
+            ("destination_service", "condition"),
+            registry=None,
+        )
+        self.budget_exhausted = Counter(
+            "meshware_outbound_retry_budget_exhausted",
+            "Retries wanted but refused because the destination's retry budget was empty.",
+            ("destination_service",),
+            registry=None,
+        )
+        self.ejections = Counter(
+            "meshware_outbound_outlier_ejections",
+            "Endpoints ejected by outlier detection, by destination and reason.",
+            ("destination_service", "reason"),
+            registry=None,
+        )
+        self.breaker_transitions = Counter(
+            "meshware_outbound_breaker_transitions",
+            "Circuit-breaker state changes, by destination.",
+            ("destination_service", "from_state", "to_state"),
+            registry=None,
+        )
+        owned += [self.retries, self.budget_exhausted, self.ejections, self.breaker_transitions]
+        try:
+            metrics._registry.register(_WithoutCreated(owned))
+        except ValueError as exc:  # prometheus-client's "Duplicated timeseries"
+            raise ConfigurationError(
+                f"the registry already holds the outbound metrics ({exc}); create one "
+                "MeshMetrics per process and share it",
+                field="registry",
+            ) from exc
+
+
+class OutboundRecorder:
+    """Records the calls one workload makes (``reporter="source"``) and the outbound
+    resilience counters.
+
+    Obtain it from :meth:`MeshMetrics.outbound`; it is safe to share between threads. The
+    ``source_*`` labels describe this workload; the ``destination_*`` labels the service
+    called, named as :meth:`WorkloadInfo.service_of` reads the destination. A call to a host
+    that is not a mesh service is reported as Istio reports passthrough traffic:
+    ``destination_service_name="PassthroughCluster"`` and ``destination_service`` the host.
+    Every label value is bounded by the metrics' ``max_label_values``.
+    """
+
+    __slots__ = (
+        "_bounded_host",
+        "_bounded_principal",
+        "_bounded_service",
+        "_bounded_version",
+        "_children",
+        "_counter_children",
+        "_destinations",
+        "_duration",
+        "_istio",
+        "_metrics",
+        "_outbound",
+        "_request_bytes",
+        "_requests",
+        "_response_bytes",
+        "_source",
+        "workload",
+    )
+
+    def __init__(self, metrics: MeshMetrics, workload: WorkloadInfo) -> None:
+        self._metrics = metrics
+        self.workload = workload
+        """The workload whose calls this recorder counts."""
+        outbound = metrics._outbound
+        if outbound is None:  # MeshMetrics.outbound() creates it first
+            outbound = metrics._outbound = _OutboundMetrics(metrics)
+        self._outbound = outbound
+        self._istio = metrics.naming == "istio"
+        self._requests = metrics._requests
+        self._duration = metrics._duration
+        self._request_bytes = metrics._request_bytes
+        self._response_bytes = metrics._response_bytes
+        self._source = workload.source_labels()
+        self._children: dict[tuple[object, ...], tuple[Any, ...]] = {}
+        self._counter_children: dict[tuple[str, ...], Any] = {}
+        self._destinations: dict[str | None, tuple[str, str, str]] = {}
+        limit = metrics._max_label_values
+        self._bounded_service = _Bounded(limit)
+        self._bounded_host = _Bounded(limit)
+        self._bounded_principal = _Bounded(limit)
+        self._bounded_version = _Bounded(limit)
+
+    def observe(
+        self,
+        *,
+        destination: str | None,
+        host: str,
+        method: str,
+        status: int,
+        duration_s: float,
+        request_bytes: int,
+        response_bytes: int,
+        response_flags: str = _NO_FLAGS,
+        destination_version: str | None = None,
+        destination_principal: str | None = None,
+        scheme: str = "http",
+        http_version: str = "1.1",
+        error_type: str | None = None,
+    ) -> None:
+        """Record one finished outbound call.
+
+        Args:
+            destination: the mesh service called (``CallPlan.destination``), or ``None`` for
+                a host that is not a mesh service (passthrough).
+            host: the request's host, used for passthrough calls.
+            method: the request method (``otel`` naming only).
+            status: the response status; for a call that got no response, the status a
+                sidecar would have answered with (``503``, ``504``), or ``0``.
+            duration_s: the call's duration in seconds, to the end of the response body.
+            request_bytes: the request body's size in bytes.
+            response_bytes: the response body's size in bytes.
+            response_flags: Envoy-style response flags (``"UO"``, ``"UH"``, ``"UF,URX"``),
+                ``"-"`` when none.
+            destination_version: the ``version`` label of the endpoint called, if known.
+            destination_principal: the verified SPIFFE id of the server, if known.
+            scheme: ``"http"`` or ``"https"`` (``otel`` naming only).
+            http_version: ``"1.1"``, ``"2"``... (``otel`` naming only).
+            error_type: the semantic conventions' ``error.type`` (``otel`` naming only);
+                defaults to the status code for 5xx responses.
+        """
+        if self._istio:
+            key: tuple[object, ...] = (
+                destination,
+                host if destination is None else None,
+                destination_version,
+                destination_principal,
+                status,
+                response_flags,
+            )
+            children = self._children.get(key)
+            if children is None:
+                children = self._istio_children(key)
+            children[0].inc()
+            children[1].observe(duration_s * 1000.0)
+            children[2].observe(request_bytes)
+            children[3].observe(response_bytes)
+            return
+        key = (method, status, destination, host, scheme, http_version, error_type)
+        children = self._children.get(key)
+        if children is None:
+            children = self._otel_children(key)
+        children[0].observe(duration_s)
+        children[1].observe(request_bytes)
+        children[2].observe(response_bytes)
+
+    def _service(self, destination: str) -> tuple[str, str, str]:
+        parts = self._destinations.get(destination)
+        if parts is None:
+            name, namespace, fqdn = self.workload.service_of(destination)
+            if self._bounded_service(fqdn) == OTHER:
+                parts = (OTHER, OTHER, OTHER)
+            else:
+                parts = (name, namespace, fqdn)
+            if len(self._destinations) < 10_000:
+                self._destinations[destination] = parts
+        return parts
+
+    def _istio_children(self, key: tuple[object, ...]) -> tuple[Any, ...]:
+        destination, host, version, principal, status, flags = key
+        if destination is None:
+            labels: tuple[str, ...] = (
+                UNKNOWN,  # destination_workload
+                UNKNOWN,  # destination_workload_namespace
+                UNKNOWN,  # destination_principal
+                UNKNOWN,  # destination_app
+                UNKNOWN,  # destination_version
+                self._bounded_host(str(host)),  # destination_service
+                UNKNOWN,  # destination_canonical_service
+                "latest",  # destination_canonical_revision
+                "PassthroughCluster",  # destination_service_name
+                UNKNOWN,  # destination_service_namespace
+                UNKNOWN,  # destination_cluster
+            )
+        else:
+            name, namespace, fqdn = self._service(str(destination))
+            shown_version = UNKNOWN if version is None else self._bounded_version(str(version))
+            labels = (
+                name,  # destination_workload
+                namespace,  # destination_workload_namespace
+                UNKNOWN if principal is None else self._bounded_principal(str(principal)),
+                name,  # destination_app
+                shown_version,  # destination_version
+                fqdn,  # destination_service
+                name,  # destination_canonical_service
+                "latest" if version is None else shown_version,  # canonical revision
+                name,  # destination_service_name
+                namespace,  # destination_service_namespace
+                UNKNOWN,  # destination_cluster
+            )
+        values = (
+            "source",
+            *self._source,
+            *labels,
+            "http",
+            str(status),
+            "",
+            flags,
+            # Istio reports the policy only on the destination side.
+            UNKNOWN,
+        )
+        requests = cast(Counter, self._requests)  # present under istio naming
+        children = (
+            requests.labels(*values),
+            self._duration.labels(*values),
+            self._request_bytes.labels(*values),
+            self._response_bytes.labels(*values),
+        )
+        self._children[key] = children
+        return children
+
+    def _otel_children(self, key: tuple[object, ...]) -> tuple[Any, ...]:
+        method, status, destination, host, scheme, http_version, error_type = key
+        if error_type is None and cast(int, status) >= 500:
+            error_type = str(status)
+        server = (
+            self._bounded_host(str(host))
+            if destination is None
+            else self._service(str(destination))[2]
+        )
+        values = (
+            method if method in _HTTP_METHODS else "_OTHER",
+            str(status),
+            server,
+            "https" if scheme == "https" else "http",
+            "http",
+            self._bounded_version(str(http_version)),
+            "" if error_type is None else str(error_type),
+        )
+        outbound = self._outbound
+        children = (
+            cast(Histogram, outbound.client_duration).labels(*values),
+            cast(Histogram, outbound.client_request_bytes).labels(*values),
+            cast(Histogram, outbound.client_response_bytes).labels(*values),
+        )
+        self._children[key] = children
+        return children
+
+    def _count(self, counter: Counter, *values: str) -> None:
+        key = (counter._name, *values)
+        child = self._counter_children.get(key)
+        if child is None:
+            child = counter.labels(*values)
+            self._counter_children[key] = child
+        child.inc()
+
+    def record_retry(self, destination: str, condition: str | None) -> None:
+        """Count one retry of a call to ``destination``, made under ``condition``
+        (the ``retryOn`` condition matched, such as ``"503"`` or ``"connect-failure"``)."""
+        self._count(
+            self._outbound.retries,
+            self._service(destination)[2],
+            UNKNOWN if condition is None else condition,
+        )
+
+    def record_budget_exhausted(self, destination: str) -> None:
+        """Count one retry refused because ``destination``'s retry budget had no room."""
+        self._count(self._outbound.budget_exhausted, self._service(destination)[2])
+
+    def record_ejection(self, destination: str, reason: str | None) -> None:
+        """Count one endpoint of ``destination`` ejected by outlier detection, for
+        ``reason`` (``"consecutive-5xx"``, ``"consecutive-gateway-errors"``,
+        ``"consecutive-local-origin-failures"``)."""
+        self._count(
+            self._outbound.ejections,
+            self._service(destination)[2],
+            UNKNOWN if reason is None else reason,
+        )
+
+    def record_breaker_transition(self, destination: str, old: str, new: str) -> None:
+        """Count one circuit-breaker state change of ``destination`` (``"closed"``,
+        ``"open"``, ``"half-open"``)."""
+        self._count(self._outbound.breaker_transitions, self._service(destination)[2], old, new)

@@ -22,7 +22,7 @@ from meshware.policy.ratelimit import (
 )
 from meshware.state import BackendUnavailable, RateLimitBackend, backend_from_url
 from meshware.state.redis import DEFAULT_TIMEOUT, GCRA_SHA, RedisBackend
-from tests.state.conftest import RedisServer
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 

@@ -24,6 +24,7 @@ from opentelemetry.propagators.textmap import Getter
 from meshware.exceptions import ConfigurationError
 from meshware.inbound.record import RequestRecord, record_of
 from meshware.telemetry.access_log import AccessLog
+from meshware.telemetry.context import reset_request_id, set_request_id
 from meshware.telemetry.metrics import InboundRecorder, MeshMetrics, WorkloadInfo
 from meshware.telemetry.tracing import ServerSpans
 
@@ -452,6 +453,8 @@ class TelemetryMiddleware:
         error: BaseException | None = None
         cancelled = False
         token = _attach(ctx)
+        # Outbound calls made while serving the request propagate its id.
+        rid_token = set_request_id(request_id)
         try:
             await self.app(scope, app_receive, send_wrapper)
         except Exception as exc:
@@ -461,6 +464,7 @@ class TelemetryMiddleware:
             cancelled = True
             raise
         finally:
+            reset_request_id(rid_token)
             _detach(token)
             core.finish(
                 record=record,

@@ -23,6 +23,7 @@ from meshware.inbound.asgi.telemetry import (
     valid_request_id,
 )
 from meshware.inbound.record import RequestRecord, record_of
+from meshware.telemetry.context import reset_request_id, set_request_id
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -180,6 +181,7 @@ class _ResponseBody:
         while True:
             # Attach around each step only: a generator must not yield while attached.
             token = _attach(ctx)
+            rid_token = set_request_id(exchange.request_id)
             try:
                 chunk = next(iterator)
             except StopIteration:
@@ -188,6 +190,7 @@ class _ResponseBody:
                 self._middleware._finish(self._environ, exchange, exc, False)
                 raise
             finally:
+                reset_request_id(rid_token)
                 _detach(token)
             exchange.bytes_out += len(chunk)
             yield chunk
@@ -331,6 +334,8 @@ class TelemetryMiddleware:
             return counted_write
 
         token = _attach(ctx)
+        # Outbound calls made while serving the request propagate its id.
+        rid_token = set_request_id(request_id)
         try:
             body = self.app(environ, wrapped_start_response)
         except Exception as exc:
@@ -340,6 +345,7 @@ class TelemetryMiddleware:
             self._finish(environ, exchange, None, True)
             raise
         finally:
+            reset_request_id(rid_token)
             _detach(token)
         return _ResponseBody(body, exchange, self, environ)
 

@@ -1,0 +1,212 @@
+"""``RateLimitMiddleware`` for ASGI: local or Redis-backed limits, 429 with standard headers.
+
+The decision core is :class:`~meshware.policy.ratelimit.RateLimiter`; this shell charges the
+service-wide rules and the handler's own (:func:`~meshware.policy.ratelimit.rate_limit`),
+notes the verdict in the request record, answers 429 or 503 itself and adds the
+``RateLimit-Policy`` / ``RateLimit`` fields to allowed responses. :class:`RateLimitCore` holds
+what the ASGI and WSGI shells share. See ``docs/rate-limiting.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+from meshware.exceptions import ConfigurationError
+from meshware.inbound.facts import facts_from_scope
+from meshware.inbound.record import RequestRecord, record_of
+from meshware.inbound.responses import json_body, send_json
+from meshware.inbound.routes import RouteResolver, route_of_scope
+from meshware.policy.ratelimit import (
+    RateLimitDecision,
+    RateLimiter,
+    RateLimitKey,
+    RateLimitPolicy,
+    RateLimitRule,
+    route_rate_limits,
+)
+from meshware.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["RateLimitCore", "RateLimitMiddleware"]
+
+_LIMITED_BODY: Final = json_body(429, "too_many_requests", "rate limit exceeded")
+_UNAVAILABLE_BODY: Final = json_body(503, "service_unavailable", "rate limit backend unavailable")
+_NO_RULES: tuple[RateLimitRule, ...] = ()
+
+
+def _reads_headers(rules: Sequence[RateLimitRule]) -> bool:
+    # A function key may read anything, headers included.
+    return any(
+        callable(part) or (isinstance(part, str) and part.lower().startswith("header:"))
+        for rule in rules
+        for part in RateLimitKey.of(rule.key).parts
+    )
+
+
+class RateLimitCore:
+    """What both rate-limit shells share; the arguments are the middleware's.
+
+    Raises:
+        ConfigurationError: see :class:`RateLimitMiddleware`.
+    """
+
+    __slots__ = ("_by_handler", "has_rules", "limiter", "reads_headers", "routes")
+
+    def __init__(
+        self,
+        policy: RateLimitPolicy | None,
+        limiter: RateLimiter | None,
+        routes: RouteResolver | None,
+    ) -> None:
+        if limiter is not None:
+            if policy is not None:
+                raise ConfigurationError(
+                    "expected either a policy or a limiter, not both", field="policy", value=policy
+                )
+            if not isinstance(limiter, RateLimiter):
+                raise ConfigurationError("expected a RateLimiter", field="limiter", value=limiter)
+        elif policy is None:
+            raise ConfigurationError(
+                "expected a RateLimitPolicy, or a limiter", field="policy", value=policy
+            )
+        else:
+            limiter = RateLimiter(policy)
+        if routes is not None and not isinstance(routes, RouteResolver):
+            raise ConfigurationError(
+                "expected a RouteResolver such as StarletteRoutes(app) or FlaskRoutes(app)",
+                field="routes",
+                value=routes,
+            )
+        self.limiter = limiter
+        self.routes = routes
+        rules = limiter.policy.rules
+        self.has_rules = bool(rules)
+        self.reads_headers = _reads_headers(rules)
+        self._by_handler: dict[int, tuple[object, tuple[RateLimitRule, ...], bool]] = {}
+
+    def for_handler(self, handler: object | None) -> tuple[tuple[RateLimitRule, ...], bool]:
+        """The handler's own rules, and whether any rule that may apply reads headers."""
+        if handler is None:
+            return _NO_RULES, self.reads_headers
+        cached = self._by_handler.get(id(handler))
+        if cached is None or cached[0] is not handler:
+            rules = route_rate_limits(handler)
+            cached = (handler, rules, self.reads_headers or _reads_headers(rules))
+            self._by_handler[id(handler)] = cached
+        return cached[1], cached[2]
+
+    @staticmethod
+    def decided(
+        record: RequestRecord, decision: RateLimitDecision
+    ) -> tuple[int, bytes, list[tuple[str, str]]] | list[tuple[str, str]]:
+        """Note the verdict on the record.
+
+        Returns:
+            ``(status, body, headers)`` to answer with, or the header fields to add to the
+            application's response (possibly none).
+        """
+        if decision.rule is not None or decision.shadow_limited or decision.backend_error:
+            outcome = decision.outcome
+            record.ratelimit = outcome
+            record.ratelimit_rule = (
+                decision.shadow_rule if outcome == "shadow-limited" else decision.rule
+            )
+        if decision.allowed:
+            return decision.headers()
+        if decision.backend_error:
+            return 503, _UNAVAILABLE_BODY, []
+        return 429, _LIMITED_BODY, decision.headers()
+
+
+class RateLimitMiddleware:
+    """Pure-ASGI rate limiting, as Envoy's local and global rate limit filters.
+
+    For each ``http`` or ``websocket`` request, every service-wide rule that applies and every
+    rule of the request's handler (with ``routes``) is charged
+    (:meth:`~meshware.policy.ratelimit.RateLimiter.decide_async`). Then:
+
+    - limited: ``429`` with ``{"status": 429, "error": "too_many_requests", "detail": "rate
+      limit exceeded"}``, ``Retry-After`` and the ``RateLimit-Policy`` / ``RateLimit`` fields
+      of the policy's header style; a websocket is closed with 1013 (try again later);
+    - the backend failed and ``failure_mode`` is ``"closed"``: ``503`` with ``"error":
+      "service_unavailable"``;
+    - allowed (shadow-limited included): the request goes on, and the reported rule's
+      ``RateLimit-Policy`` / ``RateLimit`` fields are added to the application's response.
+
+    The verdict is noted in ``record.ratelimit`` (``"allowed"``, ``"limited"``,
+    ``"shadow-limited"``, ``"backend-error"``) and ``record.ratelimit_rule``, for metrics and
+    the access log; a request no rule applied to leaves both unset.
+
+    Args:
+        app: the ASGI application to wrap.
+        policy: the service's :class:`~meshware.policy.ratelimit.RateLimitPolicy`; a
+            :class:`~meshware.policy.ratelimit.RateLimiter` is built from it. Use a policy
+            without rules to apply only per-handler limits.
+        limiter: a limiter built by the caller (to share one, or give it a clock or a
+            backend), instead of ``policy``.
+        routes: a :class:`~meshware.inbound.routes.RouteResolver` (``StarletteRoutes(app)``)
+            to apply per-handler limits; ``None`` applies the policy's rules only.
+
+    Raises:
+        ConfigurationError: neither or both of ``policy`` and ``limiter``, or an argument of
+            the wrong type.
+
+    Attributes:
+        limiter: the :class:`~meshware.policy.ratelimit.RateLimiter` in use; close it with
+            ``await middleware.limiter.aclose()`` at shutdown.
+        routes: the route resolver, or ``None``.
+    """
+
+    __slots__ = ("_core", "app", "limiter", "routes")
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        policy: RateLimitPolicy | None = None,
+        limiter: RateLimiter | None = None,
+        routes: RouteResolver | None = None,
+    ) -> None:
+        self.app = app
+        self._core = RateLimitCore(policy, limiter, routes)
+        self.limiter = self._core.limiter
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
+            await self.app(scope, receive, send)
+            return
+        core = self._core
+        record = record_of(scope)
+        route_rules, needs_headers = _NO_RULES, core.reads_headers
+        if core.routes is not None:
+            match = route_of_scope(scope, core.routes, record)
+            if match is not None:
+                route_rules, needs_headers = core.for_handler(match.handler)
+        if not (core.has_rules or route_rules):
+            await self.app(scope, receive, send)
+            return
+        facts = facts_from_scope(scope, record, headers=needs_headers)
+        decision = await core.limiter.decide_async(facts, route_rules=route_rules)
+        verdict = core.decided(record, decision)
+        if isinstance(verdict, tuple):
+            status, body, headers = verdict
+            if kind == "http":
+                await send_json(send, status, body, headers)
+            else:
+                await send({"type": "websocket.close", "code": 1013})
+            return
+        if not verdict or kind != "http":
+            await self.app(scope, receive, send)
+            return
+        extra = [
+            (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in verdict
+        ]
+
+        async def send_with_fields(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*(message.get("headers") or ()), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_fields)
