@@ -100,7 +100,7 @@ def wrk(
     rate: int | None = None,
 ) -> WrkResult:
     """One wrk run on core 1; parses throughput and the 50th/99th percentile latencies."""
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
     for header in headers:
         cmd += ["-H", header]
     cmd.append(url)

@@ -33,7 +33,15 @@ from meshware.outbound.call import HASH_KEY, CallPlan, plan_of
 from meshware.outbound.discovery import Resolver
 from meshware.outbound.endpoints import Endpoint
 from meshware.outbound.errors import NoHealthyEndpoint
-from meshware.outbound.transports import TLS_KEY, Cluster, OutboundState, prepare_attempt
+from meshware.outbound.transports import (
+    TLS_KEY,
+    AttemptStamper,
+    Cluster,
+    OutboundState,
+    endpoint_url,
+    prepare_attempt,
+    stamped_below,
+)
 
 __all__ = ["AsyncBalancingTransport", "BalancingTransport"]
 
@@ -66,9 +74,9 @@ class _Pick:
 
 
 class _BalancingCore:
-    __slots__ = ("resolver", "state")
+    __slots__ = ("resolver", "stamp", "state")
 
-    def __init__(self, resolver: Resolver, state: OutboundState | None) -> None:
+    def __init__(self, resolver: Resolver, state: OutboundState | None, stamp: bool) -> None:
         if not isinstance(resolver, Resolver):
             raise ConfigurationError(
                 "expected a Resolver (resolve and resolve_async)", field="resolver", value=resolver
@@ -77,6 +85,7 @@ class _BalancingCore:
             raise ConfigurationError("expected an OutboundState", field="state", value=state)
         self.resolver = resolver
         self.state = state if state is not None else OutboundState()
+        self.stamp = stamp
 
     def pick(
         self, request: httpx.Request, plan: CallPlan, found: Sequence[Endpoint] | None
@@ -131,18 +140,17 @@ class _BalancingCore:
         plan.endpoint = endpoint
         tls = cluster.tls
         original = request.url
-        request.url = original.copy_with(
-            scheme="https" if tls.encrypted else "http", host=endpoint.address, port=endpoint.port
-        )
+        request.url = endpoint_url(original, "https" if tls.encrypted else "http", endpoint)
         request.extensions[TLS_KEY] = tls
         if tls.sni is not None:
             request.extensions["sni_hostname"] = tls.sni
-        prepare_attempt(request, plan)
+        if self.stamp:
+            prepare_attempt(request, plan)
         clock = state.clock
         return _Pick(cluster, balancer.on_start(endpoint), clock(), clock, original)
 
 
-class BalancingTransport(httpx.BaseTransport):
+class BalancingTransport(AttemptStamper, httpx.BaseTransport):
     """Sends each call to a mesh destination to one of its endpoints (see the module docs).
 
     Args:
@@ -166,7 +174,7 @@ class BalancingTransport(httpx.BaseTransport):
         state: OutboundState | None = None,
     ) -> None:
         self._transport = transport
-        self._core = _BalancingCore(resolver, state)
+        self._core = _BalancingCore(resolver, state, not stamped_below(transport))
 
     @property
     def state(self) -> OutboundState:
@@ -199,7 +207,7 @@ class BalancingTransport(httpx.BaseTransport):
         self._transport.close()
 
 
-class AsyncBalancingTransport(httpx.AsyncBaseTransport):
+class AsyncBalancingTransport(AttemptStamper, httpx.AsyncBaseTransport):
     """The async twin of :class:`BalancingTransport`, with the same arguments."""
 
     __slots__ = ("_core", "_transport")
@@ -212,7 +220,7 @@ class AsyncBalancingTransport(httpx.AsyncBaseTransport):
         state: OutboundState | None = None,
     ) -> None:
         self._transport = transport
-        self._core = _BalancingCore(resolver, state)
+        self._core = _BalancingCore(resolver, state, not stamped_below(transport))
 
     @property
     def state(self) -> OutboundState:

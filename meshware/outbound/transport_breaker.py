@@ -31,6 +31,7 @@ from meshware.exceptions import ConfigurationError
 from meshware.outbound.call import CallPlan, plan_of
 from meshware.outbound.errors import CircuitOpen
 from meshware.outbound.transports import (
+    AttemptStamper,
     Cluster,
     OutboundState,
     cap_connect_timeout,
@@ -38,15 +39,18 @@ from meshware.outbound.transports import (
     observe_async_response,
     observe_response,
     prepare_attempt,
+    stamped_below,
 )
 
 __all__ = ["AsyncBreakerTransport", "BreakerTransport"]
 
 
 class _BreakerCore:
-    __slots__ = ("failure_statuses", "state")
+    __slots__ = ("failure_statuses", "stamp", "state")
 
-    def __init__(self, state: OutboundState | None, failure_statuses: Iterable[int]) -> None:
+    def __init__(
+        self, state: OutboundState | None, failure_statuses: Iterable[int], stamp: bool
+    ) -> None:
         if state is not None and not isinstance(state, OutboundState):
             raise ConfigurationError("expected an OutboundState", field="state", value=state)
         if isinstance(failure_statuses, (str, bytes)):
@@ -63,6 +67,7 @@ class _BreakerCore:
                 )
         self.state = state if state is not None else OutboundState()
         self.failure_statuses = statuses
+        self.stamp = stamp
 
     def admit(self, request: httpx.Request, plan: CallPlan) -> Cluster | None:
         destination = plan.destination
@@ -114,7 +119,7 @@ class _BreakerCore:
             detector.on_result(plan.endpoint, status=status)
 
 
-class BreakerTransport(httpx.BaseTransport):
+class BreakerTransport(AttemptStamper, httpx.BaseTransport):
     """Guards each cluster with a circuit breaker and connection-pool limits, and reports
     every outcome to outlier detection (see the module docs).
 
@@ -140,7 +145,7 @@ class BreakerTransport(httpx.BaseTransport):
         failure_statuses: Iterable[int] = range(500, 600),
     ) -> None:
         self._transport = transport
-        self._core = _BreakerCore(state, failure_statuses)
+        self._core = _BreakerCore(state, failure_statuses, not stamped_below(transport))
 
     @property
     def state(self) -> OutboundState:
@@ -168,7 +173,8 @@ class BreakerTransport(httpx.BaseTransport):
                 core.refused(cluster)
                 raise
         try:
-            prepare_attempt(request, plan)
+            if core.stamp:
+                prepare_attempt(request, plan)
             response = self._transport.handle_request(request)
         except BaseException as exc:
             core.failed(cluster, plan, exc)
@@ -183,7 +189,7 @@ class BreakerTransport(httpx.BaseTransport):
         self._transport.close()
 
 
-class AsyncBreakerTransport(httpx.AsyncBaseTransport):
+class AsyncBreakerTransport(AttemptStamper, httpx.AsyncBaseTransport):
     """The async twin of :class:`BreakerTransport`, with the same arguments."""
 
     __slots__ = ("_core", "_transport")
@@ -196,7 +202,7 @@ class AsyncBreakerTransport(httpx.AsyncBaseTransport):
         failure_statuses: Iterable[int] = range(500, 600),
     ) -> None:
         self._transport = transport
-        self._core = _BreakerCore(state, failure_statuses)
+        self._core = _BreakerCore(state, failure_statuses, not stamped_below(transport))
 
     @property
     def state(self) -> OutboundState:
@@ -219,7 +225,8 @@ class AsyncBreakerTransport(httpx.AsyncBaseTransport):
                 core.refused(cluster)
                 raise
         try:
-            prepare_attempt(request, plan)
+            if core.stamp:
+                prepare_attempt(request, plan)
             response = await self._transport.handle_async_request(request)
         except BaseException as exc:
             core.failed(cluster, plan, exc)

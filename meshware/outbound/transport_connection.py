@@ -52,7 +52,12 @@ from meshware.outbound.call import CallPlan, plan_of
 from meshware.outbound.destination import ClientTLSSettings
 from meshware.outbound.errors import OutboundError
 from meshware.outbound.mtls import client_ssl_context
-from meshware.outbound.transports import SERVER_IDENTITY_KEY, TLS_KEY, prepare_attempt
+from meshware.outbound.transports import (
+    SERVER_IDENTITY_KEY,
+    TLS_KEY,
+    AttemptStamper,
+    prepare_attempt,
+)
 from meshware.telemetry.metrics import WorkloadInfo
 
 __all__ = ["AsyncConnectionTransport", "ConnectionTransport", "WrongServerIdentity"]
@@ -534,7 +539,7 @@ class _ConnectionCore:
             return None
 
 
-class ConnectionTransport(httpx.BaseTransport):
+class ConnectionTransport(AttemptStamper, httpx.BaseTransport):
     """Sends calls; mesh calls over mTLS to verified servers (see the module docs).
 
     Args:
@@ -647,7 +652,7 @@ class ConnectionTransport(httpx.BaseTransport):
         self._passthrough.close()
 
 
-class AsyncConnectionTransport(httpx.AsyncBaseTransport):
+class AsyncConnectionTransport(AttemptStamper, httpx.AsyncBaseTransport):
     """The async twin of :class:`ConnectionTransport`, with the same arguments
     (``passthrough`` is an :class:`httpx.AsyncHTTPTransport` by default)."""
 

@@ -29,18 +29,19 @@ from meshware.exceptions import ConfigurationError
 from meshware.outbound.call import TIMEOUT_KEY, CallPlan, plan_of
 from meshware.outbound.deadline import Deadline, check_deadline, current_deadline
 from meshware.outbound.errors import DeadlineExceeded
-from meshware.outbound.transports import destination_of, prepare_attempt
+from meshware.outbound.transports import destination_of, prepare_attempt, stamped_below
 
 __all__ = ["AsyncDeadlineTransport", "DeadlineTransport"]
 
 
 class _DeadlineCore:
-    __slots__ = ("clock",)
+    __slots__ = ("clock", "stamp")
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], stamp: bool) -> None:
         if not callable(clock):
             raise ConfigurationError("expected a callable returning seconds", field="clock")
         self.clock = clock
+        self.stamp = stamp
 
     def begin(self, request: httpx.Request) -> CallPlan:
         plan = plan_of(request)
@@ -65,7 +66,8 @@ class _DeadlineCore:
         plan.deadline = deadline
         if deadline is not None:
             check_deadline(destination_of(request, plan), deadline, request=request)
-            prepare_attempt(request, plan)
+            if self.stamp:
+                prepare_attempt(request, plan)
         return plan
 
     @staticmethod
@@ -103,7 +105,7 @@ class DeadlineTransport(httpx.BaseTransport):
         self, transport: httpx.BaseTransport, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._transport = transport
-        self._core = _DeadlineCore(clock)
+        self._core = _DeadlineCore(clock, not stamped_below(transport))
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through the next transport within the call's deadline."""
@@ -130,7 +132,7 @@ class AsyncDeadlineTransport(httpx.AsyncBaseTransport):
         self, transport: httpx.AsyncBaseTransport, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._transport = transport
-        self._core = _DeadlineCore(clock)
+        self._core = _DeadlineCore(clock, not stamped_below(transport))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through the next transport within the call's deadline."""

@@ -48,11 +48,13 @@ from meshware.outbound.retry import RetryPolicy, RetryReason, RetryState
 from meshware.outbound.transports import (
     ATTEMPT_DEADLINE_KEY,
     RETRIES_EXHAUSTED_KEY,
+    AttemptStamper,
     OutboundState,
     error_kind,
     is_replayable,
     new_attempt_deadline,
     prepare_attempt,
+    stamped_below,
 )
 from meshware.telemetry.metrics import OutboundRecorder
 
@@ -76,7 +78,9 @@ class _Call:
         "replayable",
         "request",
         "retryable",
+        "stamp",
         "state",
+        "timeouts",
     )
 
     def __init__(
@@ -89,8 +93,10 @@ class _Call:
         rng: random.Random,
         wall_clock: Callable[[], float],
         recorder: OutboundRecorder | None,
+        stamp: bool,
     ) -> None:
         self.request = request
+        self.stamp = stamp
         self.plan = plan
         self.destination: str = plan.destination or ""
         self.budget = budget
@@ -101,6 +107,8 @@ class _Call:
         self.state: RetryState = policy.new_state(uniform=rng.uniform, wall_clock=wall_clock)
         self.last_response: httpx.Response | None = None
         self.last_error: BaseException | None = None
+        # Each try starts from the caller's timeouts; the layers below only ever shorten them.
+        self.timeouts = request.extensions.get("timeout")
         budget.record_request()
 
     def start(self) -> float | None:
@@ -109,12 +117,18 @@ class _Call:
         plan.attempt = self.state.retries
         plan.endpoint = None
         deadline = new_attempt_deadline(plan, self.state.policy.per_try_timeout, self.clock)
-        self.request.extensions[ATTEMPT_DEADLINE_KEY] = deadline
-        prepare_attempt(self.request, plan)
+        extensions = self.request.extensions
+        extensions[ATTEMPT_DEADLINE_KEY] = deadline
+        if self.timeouts is not None:
+            extensions["timeout"] = self.timeouts
+        if self.stamp:
+            prepare_attempt(self.request, plan)
         return None if deadline is None else deadline.remaining()
 
     def after_response(self, response: httpx.Response) -> float | None:
         """The wait before a retry, or ``None`` to deliver ``response``."""
+        if not self.replayable:
+            return None
         request = self.request
         state = self.state.increment(
             method=request.method,
@@ -138,6 +152,8 @@ class _Call:
                     return self.last_response
                 if self.last_error is not None:
                     return self.last_error
+            return exc
+        if not self.replayable:
             return exc
         request = self.request
         state = self.state.increment(
@@ -164,8 +180,6 @@ class _Call:
                 if verdict.reason == RetryReason.BUDGET_EXHAUSTED and self.recorder is not None:
                     self.recorder.record_budget_exhausted(self.destination)
             return None
-        if not self.replayable:
-            return None
         plan = self.plan
         if plan.endpoint is not None:
             plan.tried.add(plan.endpoint.key)
@@ -184,7 +198,7 @@ class _Call:
 
 
 class _RetryCore:
-    __slots__ = ("_policy", "_resolver", "_state", "rng", "wall_clock")
+    __slots__ = ("_policy", "_resolver", "_state", "rng", "stamp", "wall_clock")
 
     def __init__(
         self,
@@ -193,6 +207,7 @@ class _RetryCore:
         state: OutboundState | None,
         rng: random.Random | None,
         wall_clock: Callable[[], float],
+        stamp: bool,
     ) -> None:
         if policy is not None and not isinstance(policy, RetryPolicy):
             raise ConfigurationError("expected a RetryPolicy or None", field="policy", value=policy)
@@ -209,6 +224,7 @@ class _RetryCore:
         self._state = state if state is not None else OutboundState()
         self.rng = rng if rng is not None else random.Random()
         self.wall_clock = wall_clock
+        self.stamp = stamp
 
     @property
     def resolver(self) -> Resolver | None:
@@ -234,7 +250,8 @@ class _RetryCore:
         if destination is None:
             return None
         if policy is None:
-            prepare_attempt(request, plan)
+            if self.stamp:
+                prepare_attempt(request, plan)
             return None
         state = self._state
         return _Call(
@@ -246,10 +263,11 @@ class _RetryCore:
             self.rng,
             self.wall_clock,
             state.recorder,
+            self.stamp,
         )
 
 
-class RetryTransport(httpx.BaseTransport):
+class RetryTransport(AttemptStamper, httpx.BaseTransport):
     """Retries failed calls to mesh destinations (see the module docs for the rules).
 
     A call's destination is ``CallPlan.destination`` (set by the routing layer); without it,
@@ -289,7 +307,9 @@ class RetryTransport(httpx.BaseTransport):
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._transport = transport
-        self._core = _RetryCore(policy, resolver, state, rng, wall_clock)
+        self._core = _RetryCore(
+            policy, resolver, state, rng, wall_clock, not stamped_below(transport)
+        )
         self._sleep = sleep
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -337,7 +357,7 @@ class RetryTransport(httpx.BaseTransport):
         self._transport.close()
 
 
-class AsyncRetryTransport(httpx.AsyncBaseTransport):
+class AsyncRetryTransport(AttemptStamper, httpx.AsyncBaseTransport):
     """The async twin of :class:`RetryTransport`, with the same arguments; ``sleep``
     defaults to :func:`asyncio.sleep`. The per-try timeout (and the deadline) is also
     enforced as a hard limit on each try."""
@@ -356,7 +376,9 @@ class AsyncRetryTransport(httpx.AsyncBaseTransport):
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._transport = transport
-        self._core = _RetryCore(policy, resolver, state, rng, wall_clock)
+        self._core = _RetryCore(
+            policy, resolver, state, rng, wall_clock, not stamped_below(transport)
+        )
         self._sleep = sleep
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:

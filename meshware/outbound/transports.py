@@ -58,18 +58,21 @@ __all__ = [
     "SERVER_IDENTITY_KEY",
     "TLS_KEY",
     "AsyncObservedStream",
+    "AttemptStamper",
     "Cluster",
     "ObservedStream",
     "OutboundState",
     "cap_connect_timeout",
     "cap_timeouts",
     "destination_of",
+    "endpoint_url",
     "error_kind",
     "is_replayable",
     "new_attempt_deadline",
     "observe_async_response",
     "observe_response",
     "prepare_attempt",
+    "stamped_below",
 ]
 
 #: ``request.extensions`` key: the :class:`Deadline` of the current attempt (the call's
@@ -91,6 +94,7 @@ _DEFAULT_TLS: Final = ClientTLSSettings(mode="ISTIO_MUTUAL")
 _PLAINTEXT: Final = ClientTLSSettings(mode="DISABLE")
 _RESETS: Final = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.CloseError)
 _TIMEOUT_KEYS: Final = ("connect", "read", "write", "pool")
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 
 def error_kind(exc: BaseException) -> str | None:
@@ -148,14 +152,27 @@ def cap_connect_timeout(request: httpx.Request, seconds: float) -> None:
     request.extensions["timeout"] = capped
 
 
+class AttemptStamper:
+    """Marks a transport that calls :func:`prepare_attempt` just before sending: a layer
+    whose next transport is one need not call it itself, so the header is written once per
+    attempt, by the innermost meshware layer."""
+
+    __slots__ = ()
+
+
+def stamped_below(transport: object) -> bool:
+    """Whether ``transport`` (the next one inwards) prepares each attempt itself."""
+    return isinstance(transport, AttemptStamper)
+
+
 def prepare_attempt(request: httpx.Request, plan: CallPlan) -> None:
     """Bound the attempt about to be sent by the time it has left.
 
     The time left is that of the attempt's deadline (``ATTEMPT_DEADLINE_KEY``) or else the
     call's (``plan.deadline``). httpx's timeouts are capped at it and, for a mesh
-    destination, ``x-meshware-timeout`` carries it to the next hop. Every meshware layer
-    calls this just before passing the request inwards, so the innermost one writes last.
-    Does nothing without a deadline.
+    destination, ``x-meshware-timeout`` carries it to the next hop. The innermost meshware
+    layer calls this just before passing the request on (the layers above it skip it, see
+    :class:`AttemptStamper`). Does nothing without a deadline.
 
     Raises:
         DeadlineExceeded: the call's deadline has passed; nothing is sent.
@@ -599,6 +616,25 @@ def _async_stream(response: httpx.Response) -> httpx.AsyncByteStream:
     if not isinstance(stream, httpx.AsyncByteStream):
         raise TypeError("an async transport returned a response with a sync stream")
     return stream
+
+
+def endpoint_url(url: httpx.URL, scheme: str, endpoint: Endpoint) -> httpx.URL:
+    """``url`` sent to ``endpoint`` instead of its host, with ``scheme``; path, query and
+    fragment unchanged."""
+    reference = getattr(url, "_uri_reference", None)
+    address = endpoint.address
+    if reference is not None and hasattr(reference, "_replace") and address.isascii():
+        # httpx re-parses the whole URL in copy_with(); the parts here are already valid
+        # (a scheme we chose, a checked address and port), so only they are replaced.
+        port: int | None = endpoint.port
+        if port == _DEFAULT_PORTS.get(scheme):
+            port = None
+        fast = httpx.URL.__new__(httpx.URL)
+        fast._uri_reference = reference._replace(
+            scheme=scheme, host=address.lower(), port=port, userinfo=""
+        )
+        return fast
+    return url.copy_with(scheme=scheme, host=address, port=endpoint.port)
 
 
 def new_attempt_deadline(

@@ -18,6 +18,8 @@ import httpx
 import pytest
 from flask import Flask, jsonify
 from flask import request as flask_request
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -39,7 +41,7 @@ from meshware.policy.authz import (
     Source,
     authorize,
 )
-from meshware.policy.paths import PathNormalization
+from meshware.policy.paths import PathNormalization, encode_raw_path, normalize_path
 
 ORDERS = "cluster.local/ns/default/sa/orders"
 BILLING = "cluster.local/ns/default/sa/billing"
@@ -96,7 +98,8 @@ def flask_app() -> Flask:
     @app.route("/", defaults={"rest": ""}, methods=METHODS)
     @app.route("/<path:rest>", methods=METHODS)
     def echo(rest: str) -> Any:
-        return jsonify(path=flask_request.environ["PATH_INFO"], raw=None)
+        environ = flask_request.environ
+        return jsonify(path=environ["PATH_INFO"], raw=environ.get("RAW_URI"))
 
     return app
 
@@ -378,8 +381,7 @@ async def test_the_app_routes_the_normalized_path(shell: Shell) -> None:
     assert response.status_code == 200
     seen = response.json()
     assert seen["path"] == "/public/x/y"
-    if shell.kind == "asgi":
-        assert seen["raw"] == "/public/x/y"
+    assert seen["raw"] == "/public/x/y"  # raw_path (ASGI), gunicorn's RAW_URI (WSGI)
     # Outer layers (telemetry, the server) still see the path as it was received.
     if shell.kind == "asgi":
         assert shell.after == [("/public/./x//y", b"/public/./x//%79")]
@@ -594,3 +596,87 @@ async def test_a_denied_websocket_is_closed() -> None:
 
     assert sent == [{"type": "websocket.close", "code": 1008}]
     assert called == []
+
+
+# -- properties -------------------------------------------------------------------------------------
+
+PATH_REASONS = {
+    "too-long",
+    "control-character",
+    "invalid-percent-encoding",
+    "invalid-utf8",
+    "escaped-slash",
+    "backslash",
+    "ambiguous-dot-segment",
+    "outside-script-name",
+}
+
+
+def run_now(coroutine: Any) -> None:
+    """Run a coroutine that never waits (the test's app and send do not)."""
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return
+    raise AssertionError("the middleware waited on something")
+
+
+def check_answer(status: int, body: bytes, reached: list[str]) -> None:
+    if status == 200:
+        assert len(reached) == 1
+        # The application only ever sees a normalized path (non-ASCII bytes may stay raw).
+        assert normalize_path(reached[0]) == reached[0]
+    elif status == 403:
+        assert json.loads(body) == DENIED
+    else:
+        assert status == 400
+        assert json.loads(body)["reason"] in PATH_REASONS
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=60).map(lambda raw: b"/" + raw))
+def test_any_asgi_path_gets_an_answer(raw: bytes) -> None:
+    reached: list[str] = []
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        reached.append(encode_raw_path(scope["raw_path"].split(b"?")[0]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    middleware = asgi.AuthorizationMiddleware(app, policies=[NO_ADMIN])
+    scope = {"type": "http", "method": "GET", "path": "/", "raw_path": raw, "headers": []}
+    run_now(middleware(scope, None, send))  # type: ignore[arg-type]
+
+    body = sent[1]["body"] if len(sent) > 1 else b""
+    check_answer(sent[0]["status"], body, reached)
+    assert scope["raw_path"] == raw  # restored for the outer layers
+
+
+@settings(max_examples=300)
+@given(
+    st.text(alphabet=st.characters(max_codepoint=0xFF), max_size=60),
+    st.sampled_from(["", "/app"]),
+)
+def test_any_wsgi_path_gets_an_answer(target: str, script_name: str) -> None:
+    reached: list[str] = []
+    started: list[str] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        reached.append(encode_raw_path(environ["RAW_URI"].split("?")[0].encode("latin-1")))
+        start_response("200 OK", [])
+        return [b""]
+
+    middleware = wsgi.AuthorizationMiddleware(app, policies=[NO_ADMIN])
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "SCRIPT_NAME": script_name,
+        "PATH_INFO": "/x",
+        "RAW_URI": script_name + "/" + target,
+    }
+    body = b"".join(middleware(environ, lambda status, headers: started.append(status)))
+
+    check_answer(int(started[0][:3]), body, reached)
+    assert environ["RAW_URI"] == script_name + "/" + target

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 from urllib.parse import unquote
 
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from meshware.identity.identity import Identity
 from meshware.identity.spiffe import SpiffeId
+from meshware.inbound import facts as facts_module
 from meshware.inbound.facts import (
     environ_headers,
     facts_from_environ,
@@ -19,6 +21,7 @@ from meshware.inbound.facts import (
     raw_path_of_environ,
     raw_path_of_scope,
     scope_headers,
+    updated,
 )
 from meshware.inbound.record import RECORD_KEY, RequestRecord
 from meshware.policy.facts import RequestFacts
@@ -239,6 +242,26 @@ def test_environ_without_port_or_peer() -> None:
 
 def test_environ_headers() -> None:
     assert environ_headers({"HTTP_X_B3_TRACEID": "1", "wsgi.input": None}) == {"x-b3-traceid": "1"}
+
+
+def test_updated_is_replace() -> None:
+    facts = facts_from_scope(scope(), RequestRecord(identity=CALLER))
+
+    changed = updated(facts, path="/other", route="/r")
+
+    assert changed == dataclasses.replace(facts, path="/other", route="/r")
+    assert facts.path == "/api/caf%C3%A9"
+
+
+def test_the_fast_constructor_builds_what_the_dataclass_would() -> None:
+    values = ("GET", "/a", "q", "h", 1, {"a": "1"}, "1.2.3.4", "p", "ns", "rp", {"c": 1}, "/r")
+
+    fast = facts_module._make(*values)
+    slow = facts_module._make_slow(*values)
+
+    assert fast == slow
+    assert type(fast) is RequestFacts
+    assert repr(fast) == repr(slow)
 
 
 # -- the host --------------------------------------------------------------------------------

@@ -169,10 +169,11 @@ async def test_half_open_probe_failure_reopens(kind: str) -> None:
     for _ in range(3):
         await harness.send()
     harness.clock.now += 10.0
-    assert harness.breaker_state is BreakerState.HALF_OPEN
+    states = [harness.breaker_state]
     response = await harness.send()  # the probe
     assert response.status_code == 503
-    assert harness.breaker_state is BreakerState.OPEN
+    states.append(harness.breaker_state)
+    assert states == [BreakerState.HALF_OPEN, BreakerState.OPEN]
     with pytest.raises(CircuitOpen):
         await harness.send()
     assert upstream.calls == 4

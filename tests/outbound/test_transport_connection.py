@@ -73,7 +73,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.peer = self.connection.getpeercert(True)  # type: ignore[attr-defined]
+        self.peer = self.connection.getpeercert(True)
 
     def do_GET(self) -> None:
         peer = x509.load_der_x509_certificate(self.peer) if self.peer else None
@@ -439,9 +439,12 @@ def test_the_whole_stack_over_mtls(ca: LocalCA, serve: Any) -> None:
         recorder=recorder,
         tracer_provider=TracerProvider(),
     )
-    with httpx.Client(transport=transport) as client:
-        with request_id_scope("req-1"), deadline_scope(Deadline.after(5.0)):
-            response = client.get("http://payments/charge")
+    with (
+        httpx.Client(transport=transport) as client,
+        request_id_scope("req-1"),
+        deadline_scope(Deadline.after(5.0)),
+    ):
+        response = client.get("http://payments/charge")
     assert (response.status_code, response.text) == (200, "paid")
     assert str(response.request.url) == "http://payments/charge"
     (request,) = seen.requests

@@ -64,9 +64,11 @@ def test_no_time_left_fails_fast_without_a_network_call() -> None:
     clock = FakeClock()
     seen = Seen()
     client = httpx.Client(transport=DeadlineTransport(httpx.MockTransport(seen), clock=clock))
-    with deadline_scope(Deadline(at=clock.now - 0.25, clock=clock)):
-        with pytest.raises(DeadlineExceeded) as info:
-            client.get(URL)
+    with (
+        deadline_scope(Deadline(at=clock.now - 0.25, clock=clock)),
+        pytest.raises(DeadlineExceeded) as info,
+    ):
+        client.get(URL)
     assert seen.requests == []
     assert info.value.destination == "payments"
     assert str(info.value) == "payments: deadline exceeded 0.250s before the call was made"
@@ -78,9 +80,8 @@ async def test_no_time_left_fails_fast_async() -> None:
     seen = Seen()
     transport = AsyncDeadlineTransport(httpx.MockTransport(seen), clock=clock)
     async with httpx.AsyncClient(transport=transport) as client:
-        with deadline_scope(Deadline(at=clock.now, clock=clock)):
-            with pytest.raises(DeadlineExceeded):
-                await client.get(URL)
+        with deadline_scope(Deadline(at=clock.now, clock=clock)), pytest.raises(DeadlineExceeded):
+            await client.get(URL)
     assert seen.requests == []
 
 

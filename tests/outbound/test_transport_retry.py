@@ -26,6 +26,7 @@ from meshware.telemetry.metrics import MeshMetrics, WorkloadInfo
 
 URL = "http://payments/api/charge"
 TWO = (Endpoint("10.0.0.1", 8080), Endpoint("10.0.0.2", 8080))
+BROAD = RetryPolicy(retry_on="5xx,reset,connect-failure")
 
 
 class FakeClock:
@@ -74,7 +75,7 @@ class Harness:
         kind: str,
         upstream: Callable[[httpx.Request], Any],
         *,
-        policy: RetryPolicy | None = RetryPolicy(retry_on="5xx,reset,connect-failure"),
+        policy: RetryPolicy | None = BROAD,
         state: OutboundState | None = None,
         endpoints: tuple[Endpoint, ...] = TWO,
         route: Callable[[CallPlan], None] | None = None,
@@ -597,3 +598,17 @@ def test_close_propagates() -> None:
     RetryTransport(Inner()).close()
     asyncio.run(AsyncRetryTransport(AsyncInner()).aclose())
     assert closed == ["sync", "async"]
+
+
+async def test_each_try_starts_from_the_callers_timeouts(kind: str) -> None:
+    upstream = Upstream(503, 200)
+
+    def shortening(request: httpx.Request) -> httpx.Response:
+        response = upstream(request)
+        # A lower layer that waited in a queue shortened this try's timeouts.
+        request.extensions["timeout"] = dict.fromkeys(("connect", "read", "write", "pool"), 0.01)
+        return response
+
+    harness = Harness(kind, shortening, policy=RetryPolicy(per_try_timeout=0.25))
+    await harness.send()
+    assert [t["read"] for t in upstream.timeouts] == [0.25, 0.25]

@@ -165,6 +165,7 @@ async def test_client_span_continues_the_current_trace_and_is_propagated(
     assert span.parent is not None
     assert span.parent.span_id == parent.get_span_context().span_id
     context = span.get_span_context()
+    assert context is not None
     trace_id, span_id = f"{context.trace_id:032x}", f"{context.span_id:016x}"
     headers = upstream.headers[0]
     assert headers["traceparent"] == f"00-{trace_id}-{span_id}-{context.trace_flags:02x}"

@@ -21,7 +21,7 @@ from meshware.policy.authz import AuthorizationPolicy, Authorizer, AuthzDecision
 from meshware.policy.paths import DEFAULT_PATH_NORMALIZATION, InvalidPath, PathNormalization
 from meshware.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["DENIED_DETAIL", "AuthorizationMiddleware", "AuthzCore"]
+__all__ = ["AUDIT_FIELD", "DENIED_DETAIL", "AuthorizationMiddleware", "AuthzCore"]
 
 DENIED_DETAIL: Final = "RBAC: access denied"
 """The ``detail`` of a 403 answer: Envoy's RBAC filter's text, which Istio users know."""

@@ -20,7 +20,7 @@ from meshware.policy.facts import RequestFacts
 from meshware.policy.jwt import InvalidToken, JwtAuthenticator, JwtResult, JwtRule
 from meshware.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["JwtAuthenticationMiddleware"]
+__all__ = ["JWT_ERROR_FIELD", "JwtAuthenticationMiddleware", "JwtCore"]
 
 JWT_ERROR_FIELD: Final = "jwt_error"
 """The ``RequestRecord.extra`` key (and access-log field) of an invalid token's reason."""
