@@ -50,6 +50,7 @@ class TrustBundles:
         if not bundles:
             raise ConfigurationError("no trust bundle: at least one CA is needed", field="bundle")
         self._bundles = {td: tuple(certs) for td, certs in bundles.items()}
+        self._trust_domains = frozenset(self._bundles)
         self._stores = {td: verification.Store(list(certs)) for td, certs in self._bundles.items()}
 
     @classmethod
@@ -90,7 +91,7 @@ class TrustBundles:
     @property
     def trust_domains(self) -> frozenset[str]:
         """The trust domains that have a bundle."""
-        return frozenset(self._bundles)
+        return self._trust_domains
 
     def certificates(self, trust_domain: str) -> tuple[x509.Certificate, ...]:
         """The CA certificates of ``trust_domain`` (empty if unknown)."""

@@ -18,6 +18,7 @@ shells refuse such a request (403). A malformed XFCC from a trusted proxy is a 4
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import ssl
@@ -25,11 +26,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from meshware.exceptions import CertificateRejected, ConfigurationError, IdentityError
-from meshware.identity.bundle import PeerVerifier, VerifiedPeer
+from meshware.identity.bundle import PeerVerifier, TrustBundles, VerifiedPeer
 from meshware.identity.identity import Identity, IdentitySource
 from meshware.identity.spiffe import SpiffeId
 from meshware.identity.xfcc import parse_xfcc
@@ -39,6 +40,12 @@ logger = logging.getLogger("meshware.identity")
 _XFCC_HEADER = b"x-forwarded-client-cert"
 _XFCC_ENVIRON = "HTTP_X_FORWARDED_CLIENT_CERT"
 _LOG_EVERY_SECONDS = 10.0
+
+XFCC_CACHE_SIZE = 1024
+"""How many XFCC resolutions an :class:`IdentityResolver` remembers (see its docstring)."""
+
+_XFCC_CACHE_MAX_HEADER = 4096
+_TRUST_CACHE_SIZE = 1024
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -53,6 +60,11 @@ class TrustedProxies:
 
     networks: tuple[IpNetwork, ...] = ()
     ids: frozenset[str] = frozenset()
+    # Whether each recently seen peer address is trusted: parsing an address costs more than
+    # the rest of the check, and a proxy sends every request from the same few addresses.
+    _by_ip: dict[str, bool] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @classmethod
     def parse(cls, entries: Iterable[str]) -> TrustedProxies:
@@ -82,15 +94,31 @@ class TrustedProxies:
         return bool(self.networks or self.ids)
 
     def trusts(self, ip: str | None, peer: Identity | None) -> bool:
+        """Whether a peer at address ``ip`` (and with identity ``peer``, if any) is trusted."""
         if peer is not None and peer.spiffe_id.uri in self.ids:
             return True
         if ip is None or not self.networks:
             return False
+        known = self._by_ip.get(ip)
+        if known is not None:
+            return known
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
-            return False
-        return any(address in net for net in self.networks)
+            trusted = False
+        else:
+            trusted = any(address in net for net in self.networks)
+        _bounded_put(self._by_ip, ip, trusted, _TRUST_CACHE_SIZE)
+        return trusted
+
+
+def _bounded_put(cache: dict[Any, Any], key: Any, value: Any, size: int) -> None:
+    # Oldest first (dicts keep insertion order). Keys are chosen by peers, so the memory they
+    # may take is capped; a race between threads only costs a second computation.
+    if len(cache) >= size:
+        with contextlib.suppress(StopIteration, KeyError, RuntimeError):
+            del cache[next(iter(cache))]
+    cache[key] = value
 
 
 _PEM_END = "-----END CERTIFICATE-----"
@@ -119,6 +147,7 @@ class Resolution:
 
 
 _NONE = Resolution()
+_UNTRUSTED = Resolution(ignored="untrusted-xfcc")
 
 
 class IdentityResolver:
@@ -130,6 +159,12 @@ class IdentityResolver:
             :class:`TrustedProxies`); empty means nobody, so the header is never believed.
         clock: monotonic seconds, for throttling the warnings logged about refused or
             ignored identities (at most one per 10 seconds).
+
+    A proxy sends the same ``x-forwarded-client-cert`` value for every request of one caller,
+    so identities taken from the header's ``URI`` (no ``Cert``) are remembered per (header
+    value, trusted proxy), up to :data:`XFCC_CACHE_SIZE` of them, until the verifier's trust
+    bundles change. Refusals and identities proven by a forwarded ``Cert`` (which expire with
+    it) are worked out on every request.
     """
 
     def __init__(
@@ -151,6 +186,8 @@ class IdentityResolver:
         # -inf, not 0.0: a monotonic clock may start near zero, and the first event must log.
         self._last_log = float("-inf")
         self._suppressed = 0
+        # (header, proxy) -> (the bundles in force when resolved, the resolution)
+        self._xfcc_cache: dict[tuple[str, str | None], tuple[TrustBundles, Resolution]] = {}
 
     # -- the two shells' entry points -------------------------------------------------------
 
@@ -207,8 +244,15 @@ class IdentityResolver:
             self._count(
                 "untrusted-xfcc", f"ignored x-forwarded-client-cert from untrusted peer {ip}"
             )
+            if direct is None:
+                return _UNTRUSTED
             return Resolution(identity=direct, ignored="untrusted-xfcc")
         via = direct.spiffe_id.uri if direct is not None else ip
+        key = (header, via)
+        bundles = self.verifier.bundles
+        hit = self._xfcc_cache.get(key)
+        if hit is not None and hit[0] is bundles:
+            return hit[1]
         try:
             elements = parse_xfcc(header)
             element = elements[-1]
@@ -223,11 +267,16 @@ class IdentityResolver:
                         reason="xfcc-uri-mismatch",
                     )
                 return Resolution(identity=self._identity(peer, "xfcc", via=via))
-            return Resolution(identity=self._identity_from_uris(element.uris, via))
+            resolution = Resolution(identity=self._identity_from_uris(element.uris, via, bundles))
         except IdentityError as exc:
             return self._refused(exc)
+        if len(header) <= _XFCC_CACHE_MAX_HEADER:
+            _bounded_put(self._xfcc_cache, key, (bundles, resolution), XFCC_CACHE_SIZE)
+        return resolution
 
-    def _identity_from_uris(self, uris: tuple[str, ...], via: str | None) -> Identity:
+    def _identity_from_uris(
+        self, uris: tuple[str, ...], via: str | None, bundles: TrustBundles
+    ) -> Identity:
         spiffe = [u for u in uris if u.startswith("spiffe://")]
         if len(spiffe) != 1:
             raise CertificateRejected(
@@ -238,7 +287,7 @@ class IdentityResolver:
             spiffe_id = SpiffeId.parse(spiffe[0])
         except ConfigurationError as exc:
             raise CertificateRejected(str(exc), reason="invalid-spiffe-id") from exc
-        if spiffe_id.trust_domain not in self.verifier.bundles.trust_domains:
+        if spiffe_id.trust_domain not in bundles.trust_domains:
             raise CertificateRejected(
                 f"x-forwarded-client-cert names trust domain {spiffe_id.trust_domain!r}, "
                 "which has no trust bundle here",

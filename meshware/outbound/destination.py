@@ -68,10 +68,9 @@ _SPEC_UNSUPPORTED = {
 }
 _POLICY_KEYS = ("loadBalancer", "connectionPool", "outlierDetection", "tls")
 _POLICY_UNSUPPORTED = {
-    "portLevelSettings": "per-port settings are not supported: a destination has one policy "
-    "(per subset)",
-    "tunnel": "tunnelling over CONNECT is not supported",
-    "proxyProtocol": "the PROXY protocol is not supported",
+    "portLevelSettings": "a destination has one policy (per subset), not one per port",
+    "tunnel": "meshware does not tunnel calls over CONNECT",
+    "proxyProtocol": "meshware does not send the PROXY protocol header",
 }
 _TLS_KEYS = ("mode", "subjectAltNames", "sni")
 _TLS_UNSUPPORTED = {

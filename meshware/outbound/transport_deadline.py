@@ -29,7 +29,12 @@ from meshware.exceptions import ConfigurationError
 from meshware.outbound.call import TIMEOUT_KEY, CallPlan, plan_of
 from meshware.outbound.deadline import Deadline, check_deadline, current_deadline
 from meshware.outbound.errors import DeadlineExceeded
-from meshware.outbound.transports import destination_of, prepare_attempt, stamped_below
+from meshware.outbound.transports import (
+    cap_timeouts,
+    destination_of,
+    prepare_attempt,
+    stamped_below,
+)
 
 __all__ = ["AsyncDeadlineTransport", "DeadlineTransport"]
 
@@ -65,9 +70,12 @@ class _DeadlineCore:
             deadline = Deadline.after(float(override), clock=self.clock).earliest(deadline)
         plan.deadline = deadline
         if deadline is not None:
-            check_deadline(destination_of(request, plan), deadline, request=request)
+            left = check_deadline(destination_of(request, plan), deadline, request=request)
             if self.stamp:
                 prepare_attempt(request, plan)
+            elif left is not None:
+                # The layers below stamp mesh calls; calls to other hosts are capped here.
+                cap_timeouts(request, left)
         return plan
 
     @staticmethod

@@ -21,6 +21,10 @@ through the call's :class:`~meshware.outbound.call.CallPlan` and a few private
 detector, a circuit breaker and a concurrency limiter, and per destination a retry budget.
 The balancing and breaker layers must share one state object, so that an endpoint the
 breaker layer ejects is the one the balancing layer stops picking.
+
+Each attempt is bounded by the time it has left (:func:`prepare_attempt`: httpx's timeouts
+capped, ``x-meshware-timeout`` written) once, just before it is sent, by the innermost
+meshware layer: a layer whose next transport is an :class:`AttemptStamper` leaves it to it.
 """
 
 from __future__ import annotations
@@ -630,9 +634,7 @@ def endpoint_url(url: httpx.URL, scheme: str, endpoint: Endpoint) -> httpx.URL:
         if port == _DEFAULT_PORTS.get(scheme):
             port = None
         fast = httpx.URL.__new__(httpx.URL)
-        fast._uri_reference = reference._replace(
-            scheme=scheme, host=address.lower(), port=port, userinfo=""
-        )
+        fast._uri_reference = reference._replace(scheme=scheme, host=address.lower(), port=port)
         return fast
     return url.copy_with(scheme=scheme, host=address, port=endpoint.port)
 

@@ -331,13 +331,12 @@ def test_invalid_subject_alt_name_names_its_index() -> None:
         (
             {"host": "payments", "trafficPolicy": {"portLevelSettings": []}},
             "spec.trafficPolicy.portLevelSettings",
-            "is not supported: per-port settings are not supported: a destination has one "
-            "policy (per subset)",
+            "is not supported: a destination has one policy (per subset), not one per port",
         ),
         (
             {"host": "payments", "trafficPolicy": {"tunnel": {"protocol": "CONNECT"}}},
             "spec.trafficPolicy.tunnel",
-            "is not supported: tunnelling over CONNECT is not supported",
+            "is not supported: meshware does not tunnel calls over CONNECT",
         ),
         (
             {"host": "payments", "colour": "blue"},

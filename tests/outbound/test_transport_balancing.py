@@ -6,9 +6,12 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshware.exceptions import ConfigurationError
 from meshware.outbound.balancing import LeastRequest
@@ -19,7 +22,7 @@ from meshware.outbound.endpoints import Endpoint
 from meshware.outbound.errors import NoHealthyEndpoint
 from meshware.outbound.transport_balancing import AsyncBalancingTransport, BalancingTransport
 from meshware.outbound.transport_breaker import AsyncBreakerTransport, BreakerTransport
-from meshware.outbound.transports import TLS_KEY, OutboundState
+from meshware.outbound.transports import TLS_KEY, OutboundState, endpoint_url
 
 URL = "http://payments/api/charge?id=7"
 A = Endpoint("10.0.0.1", 8080, labels={"version": "v1"})
@@ -433,3 +436,59 @@ def test_routing_stand_in_plans_are_used_as_given() -> None:
     transport.handle_request(request)
     assert plan.endpoint == A
     assert transport.state is state
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://payments/api/charge?id=7&x=%20y#frag",
+        "http://user:secret@payments:8080/",
+        "https://payments/a%2Fb",
+    ],
+)
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        Endpoint("10.0.0.1", 8080),
+        Endpoint("fd00::7", 8443),
+        Endpoint("Payments-1.Internal", 80),
+        Endpoint("10.0.0.9", 443),
+    ],
+)
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_endpoint_url_is_what_copy_with_gives(url: str, endpoint: Endpoint, scheme: str) -> None:
+    original = httpx.URL(url)
+    fast = endpoint_url(original, scheme, endpoint)
+    slow = original.copy_with(scheme=scheme, host=endpoint.address, port=endpoint.port)
+    assert str(fast) == str(slow)
+    assert (fast.host, fast.port, fast.raw_path, fast.scheme) == (
+        slow.host,
+        slow.port,
+        slow.raw_path,
+        slow.scheme,
+    )
+    assert fast == slow
+
+
+_segments = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=12
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    path=st.lists(_segments, max_size=4),
+    params=st.lists(st.tuples(_segments, _segments), max_size=3),
+    port=st.integers(1, 65535),
+    https=st.booleans(),
+)
+def test_endpoint_url_property(
+    path: list[str], params: list[tuple[str, str]], port: int, https: bool
+) -> None:
+    raw = "/" + "/".join(quote(segment, safe="") for segment in path)
+    original = httpx.URL("http://payments" + raw, params=params)
+    endpoint = Endpoint("10.1.2.3", port)
+    scheme = "https" if https else "http"
+    fast = endpoint_url(original, scheme, endpoint)
+    assert fast == original.copy_with(scheme=scheme, host="10.1.2.3", port=port)
+    assert fast.raw_path == original.raw_path

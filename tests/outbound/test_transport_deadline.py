@@ -271,3 +271,15 @@ def test_plan_from_a_routing_stand_in_is_kept() -> None:
     with deadline_scope(Deadline.after(3.0, clock=clock)):
         client.get(URL)
     assert seen.headers == ["200m"]
+
+
+def test_calls_to_other_hosts_are_capped_when_retry_is_the_next_layer() -> None:
+    clock = FakeClock()
+    seen = Seen()
+    state = OutboundState(tls_mode="DISABLE", clock=clock, breaker=None)
+    retry = RetryTransport(httpx.MockTransport(seen), resolver=registry(), state=state)
+    client = httpx.Client(transport=DeadlineTransport(retry, clock=clock), timeout=10.0)
+    with deadline_scope(Deadline.after(1.5, clock=clock)):
+        client.get("https://api.example.com/v1")
+    assert seen.timeouts == [{"connect": 1.5, "read": 1.5, "write": 1.5, "pool": 1.5}]
+    assert seen.headers == [None]
