@@ -11,6 +11,7 @@ start and finish the server span of each request.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
@@ -22,9 +23,11 @@ from opentelemetry.propagate import get_global_textmap
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import Getter, TextMapPropagator, default_getter
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
 
 from meshware.__about__ import __version__
 from meshware.exceptions import ConfigurationError
@@ -46,6 +49,7 @@ __all__ = [
     "build_propagator",
     "configure_tracing",
     "format_trace_id",
+    "propagator_reads",
 ]
 
 ExporterName = Literal["none", "console", "otlp"]
@@ -174,6 +178,13 @@ class TracingConfig:
         return self.otlp_endpoint
 
 
+# The headers each propagator build_propagator() makes reads when extracting: a request with
+# none of them carries no trace context, and extraction can be skipped.
+_TRACECONTEXT_HEADERS: Final = frozenset({"traceparent", "tracestate"})
+_BAGGAGE_HEADERS: Final = frozenset({"baggage"})
+_B3_HEADERS: Final = frozenset({"b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags"})
+
+
 class _MeshPropagator(CompositePropagator):
     """A composite propagator whose first format with a valid trace context wins.
 
@@ -182,9 +193,13 @@ class _MeshPropagator(CompositePropagator):
     prefers ``traceparent`` when a request carries both.
     """
 
-    def __init__(self, propagators: Sequence[TextMapPropagator]) -> None:
+    def __init__(
+        self, propagators: Sequence[TextMapPropagator], reads: frozenset[str] | None = None
+    ) -> None:
         super().__init__(propagators)
         self._members = tuple(propagators)
+        self.reads = reads
+        """The header names extraction reads, or ``None`` when not known."""
 
     def extract(
         self,
@@ -216,6 +231,7 @@ def build_propagator(names: Sequence[str] = ("tracecontext", "baggage", "b3")) -
             ``opentelemetry-propagator-b3`` package is not installed.
     """
     members: list[TextMapPropagator] = []
+    reads: set[str] = set()
     for name in names:
         if name == "tracecontext":
             from opentelemetry.trace.propagation.tracecontext import (
@@ -223,10 +239,12 @@ def build_propagator(names: Sequence[str] = ("tracecontext", "baggage", "b3")) -
             )
 
             members.append(TraceContextTextMapPropagator())
+            reads |= _TRACECONTEXT_HEADERS
         elif name == "baggage":
             from opentelemetry.baggage.propagation import W3CBaggagePropagator
 
             members.append(W3CBaggagePropagator())
+            reads |= _BAGGAGE_HEADERS
         elif name in ("b3", "b3multi"):
             try:
                 from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
@@ -237,11 +255,45 @@ def build_propagator(names: Sequence[str] = ("tracecontext", "baggage", "b3")) -
                     value=tuple(names),
                 ) from exc
             members.append(B3SingleFormat() if name == "b3" else B3MultiFormat())
+            reads |= _B3_HEADERS
         else:
             raise ConfigurationError(
                 f"unknown propagator {name!r}", field="tracing.propagators", value=tuple(names)
             )
-    return _MeshPropagator(members)
+    return _MeshPropagator(members, frozenset(reads))
+
+
+def propagator_reads(propagator: TextMapPropagator) -> frozenset[str] | None:
+    """The header names (lower-case) ``propagator`` reads when extracting a trace context, or
+    ``None`` when they are not known (a propagator not built by :func:`build_propagator`).
+
+    A request that carries none of these headers carries no trace context for it, so the
+    inbound shells skip extraction for such requests.
+    """
+    reads = getattr(propagator, "reads", None) if isinstance(propagator, _MeshPropagator) else None
+    return reads if isinstance(reads, frozenset) else None
+
+
+class _MeshIdGenerator(RandomIdGenerator):
+    """OpenTelemetry's random ids, except that :class:`ServerSpans` may choose the trace id of
+    the next root span the calling thread starts (see ``ServerSpans.start_root``)."""
+
+    def __init__(self, sampler: ParentBased, root: TraceIdRatioBased) -> None:
+        self.sampler = sampler
+        self.bound = root.bound
+        self._chosen = threading.local()
+
+    def choose(self, trace_id: int) -> None:
+        self._chosen.trace_id = trace_id
+
+    def forget(self) -> None:
+        self._chosen.__dict__.pop("trace_id", None)
+
+    def generate_trace_id(self) -> int:
+        chosen = self._chosen.__dict__.pop("trace_id", None)
+        if chosen is not None:
+            return int(chosen)
+        return super().generate_trace_id()
 
 
 def configure_tracing(config: TracingConfig, *, set_global: bool = False) -> TracerProvider:
@@ -265,9 +317,12 @@ def configure_tracing(config: TracingConfig, *, set_global: bool = False) -> Tra
     if not isinstance(config, TracingConfig):
         raise ConfigurationError("expected a TracingConfig", field="tracing", value=config)
     propagator = build_propagator(config.propagators)
+    root = TraceIdRatioBased(config.sampler_ratio)
+    sampler = ParentBased(root)
     provider = TracerProvider(
-        sampler=ParentBased(TraceIdRatioBased(config.sampler_ratio)),
+        sampler=sampler,
         resource=Resource.create({"service.name": config.service_name}),
+        id_generator=_MeshIdGenerator(sampler, root),
     )
     if config.exporter != "none":
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
@@ -295,6 +350,36 @@ def format_trace_id(trace_id: int) -> str | None:
     return None if trace_id == _INVALID_TRACE_ID else f"{trace_id:032x}"
 
 
+_TRACE_ID_LIMIT: Final = TraceIdRatioBased.TRACE_ID_LIMIT
+_random_trace_id: Final = RandomIdGenerator.generate_trace_id
+
+_FastRoots = tuple[_MeshIdGenerator, int, trace.TraceFlags, trace.TraceState]
+
+
+def _unsampled_roots(tracer: trace.Tracer) -> _FastRoots | None:
+    """What ``ServerSpans.start_root`` needs to make the root spans the sampler drops itself,
+    or ``None`` when the tracer is not an SDK tracer of a provider from configure_tracing."""
+    if not isinstance(tracer, SdkTracer):
+        return None
+    ids = tracer.id_generator
+    if not isinstance(ids, _MeshIdGenerator) or tracer.sampler is not ids.sampler:
+        return None
+    if ids.bound > _TRACE_ID_LIMIT:
+        return None  # every trace is sampled
+    # A trace id the ratio sampler always drops shows what the SDK makes of a dropped root
+    # span (its flags and state differ between SDK versions); the fast path copies them.
+    ids.choose(_TRACE_ID_LIMIT)
+    try:
+        probe = tracer.start_span("probe", context=_ROOT, kind=SpanKind.SERVER)
+    finally:
+        ids.forget()  # unused when the tracer is disabled
+    probe_context = probe.get_span_context()
+    if probe.is_recording() or probe_context.trace_id != _TRACE_ID_LIMIT:
+        probe.end()
+        return None
+    return ids, ids.bound, probe_context.trace_flags, probe_context.trace_state
+
+
 class ServerSpans:
     """Starts and finishes the server span of each inbound request (the shells' core).
 
@@ -310,7 +395,7 @@ class ServerSpans:
             OpenTelemetry's global propagator at each request.
     """
 
-    __slots__ = ("_propagator", "_tracer")
+    __slots__ = ("_fast", "_propagator", "_reads", "_tracer")
 
     def __init__(
         self,
@@ -331,6 +416,19 @@ class ServerSpans:
             )
         self._tracer = trace.get_tracer("meshware", __version__, tracer_provider)
         self._propagator = propagator
+        self._reads = None if propagator is None else propagator_reads(propagator)
+        self._fast = _unsampled_roots(self._tracer)
+
+    @property
+    def reads(self) -> frozenset[str] | None:
+        """The header names (lower-case) the propagator reads, or ``None`` when not known.
+
+        A request carrying none of them has no trace context: start its span with
+        :meth:`start_root`, which skips extraction.
+        """
+        if self._propagator is None:
+            return propagator_reads(get_global_textmap())
+        return self._reads
 
     def start(
         self, method: str, carrier: CarrierT, getter: Getter[CarrierT]
@@ -348,10 +446,45 @@ class ServerSpans:
         """
         propagator = self._propagator or get_global_textmap()
         parent = propagator.extract(carrier, context=_ROOT, getter=getter)
+        if parent is _ROOT:  # nothing extracted: the root of a new trace
+            return self.start_root(method)
         span = self._tracer.start_span(
             method if method in _HTTP_METHODS else "HTTP", context=parent, kind=SpanKind.SERVER
         )
         return span, trace.set_span_in_context(span, parent)
+
+    def start_root(self, method: str) -> tuple[Span, Context]:
+        """Start the server span of a request that carries no trace context: the root span
+        of a new trace. Returns what :meth:`start` returns.
+
+        With a provider from :func:`configure_tracing`, a trace its sampler would drop gets a
+        non-recording span made here, with the trace id, span id, flags and state the SDK
+        would have given it, without the SDK's per-span work; sampled traces are started by
+        the SDK, with the trace id the sampling decision was made on.
+        """
+        fast = self._fast
+        if fast is not None:
+            ids, bound, flags, state = fast
+            trace_id = _random_trace_id(ids)
+            if trace_id & _TRACE_ID_LIMIT >= bound:
+                span: Span = NonRecordingSpan(
+                    SpanContext(trace_id, ids.generate_span_id(), False, flags, state)
+                )
+                return span, trace.set_span_in_context(span, _ROOT)
+            ids.choose(trace_id)
+            try:
+                span = self._tracer.start_span(
+                    method if method in _HTTP_METHODS else "HTTP",
+                    context=_ROOT,
+                    kind=SpanKind.SERVER,
+                )
+            finally:
+                ids.forget()
+            return span, trace.set_span_in_context(span, _ROOT)
+        span = self._tracer.start_span(
+            method if method in _HTTP_METHODS else "HTTP", context=_ROOT, kind=SpanKind.SERVER
+        )
+        return span, trace.set_span_in_context(span, _ROOT)
 
     @staticmethod
     def trace_id(span: Span, context: Context) -> str | None:
