@@ -1,16 +1,21 @@
 """The ``meshware`` command line.
 
 Exit codes: 0 success, 1 a runtime failure, 2 a usage or configuration error (the message
-names the argument or file and what was expected).
+names the argument or file and what was expected). Two commands have their own:
+
+- ``meshware check``: 0 when the files are valid (warnings allowed), 1 when they have errors;
+- ``meshware explain``: 0 when the request is allowed, 3 when it is denied.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from meshware.__about__ import __version__
 from meshware.exceptions import ConfigurationError, InvalidSpiffeId
@@ -22,7 +27,16 @@ from meshware.identity.ca import (
     parse_duration,
 )
 
+if TYPE_CHECKING:
+    from meshware.config.loader import ConfigReport
+    from meshware.policy.authz import AuthorizationPolicy, AuthzDecision
+
 _DIR_HELP = f"certificate directory (default: ${CERT_DIR_ENV} or ./{DEFAULT_CERT_DIR})"
+
+EXIT_INVALID = 1
+"""``meshware check``: the files have errors."""
+EXIT_DENIED = 3
+"""``meshware explain``: the request is denied."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve /livez and /readyz in plaintext on this port (probes carry no cert)",
     )
     serve.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=0.0,
+        help="on SIGTERM, report not-ready and keep serving this long before stopping (uvicorn)",
+    )
+    serve.add_argument(
         "--no-access-log", dest="access_log", action="store_false", help="no JSON access log"
     )
     serve.add_argument("--trace-exporter", default="none", choices=["none", "console", "otlp"])
@@ -95,6 +115,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--app-dir", action="append", default=[], help="add to sys.path first")
     serve.add_argument("--log-level", default="warning")
+
+    check = commands.add_parser(
+        "check", help="validate mesh configuration files offline (exit 1 on errors)"
+    )
+    check.add_argument("files", nargs="+", metavar="FILE", help="YAML files or directories")
+    check.add_argument(
+        "--namespace", default="default", help="namespace of resources that name none"
+    )
+    check.add_argument("--root-namespace", default="istio-system", help="the mesh's root namespace")
+    check.add_argument("--service", help="also show what applies to this service")
+
+    explain = commands.add_parser(
+        "explain", help="decide one request with authorization policies and say why"
+    )
+    explain.add_argument(
+        "--policy",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="a YAML file or directory of AuthorizationPolicies (repeatable)",
+    )
+    explain.add_argument(
+        "--from",
+        dest="source",
+        metavar="PRINCIPAL",
+        help="the caller: a principal (cluster.local/ns/NS/sa/SA), a spiffe:// id or a service "
+        "name; omit for a caller without an mTLS identity",
+    )
+    explain.add_argument(
+        "--namespace",
+        help="the caller's namespace, when --from is a service name (default: default)",
+    )
+    explain.add_argument("--trust-domain", default="cluster.local", help="default: cluster.local")
+    explain.add_argument(
+        "--request-principal", metavar="ISS/SUB", help="a validated JWT's principal"
+    )
+    explain.add_argument(
+        "--claim", action="append", default=[], metavar="K=V", help="a JWT claim (repeatable)"
+    )
+    explain.add_argument("--method", required=True)
+    explain.add_argument("--path", required=True, help="the request path, with ?query if any")
+    explain.add_argument(
+        "--header", action="append", default=[], metavar="K=V", help="a header (repeatable)"
+    )
+    explain.add_argument("--host", default="", help="the Host header")
+    explain.add_argument("--ip", help="the caller's address")
+    explain.add_argument("--port", type=int, help="the port the request arrived on")
+    explain.add_argument(
+        "--service", help="apply only the policies that select this service (default: all)"
+    )
+    explain.add_argument("--service-namespace", default="default", help="default: default")
+    explain.add_argument("--root-namespace", default="istio-system")
     return parser
 
 
@@ -191,9 +263,256 @@ def _serve(args: argparse.Namespace) -> int:
         trace_exporter=args.trace_exporter,
         trace_sample=args.trace_sample,
         otlp_endpoint=args.otlp_endpoint,
+        drain_seconds=args.drain_seconds,
     )
     serve(options)
     return 0
+
+
+def _plural(count: int, word: str, plural: str | None = None) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {plural or word + 's'}"
+
+
+def _check(args: argparse.Namespace) -> int:
+    from meshware.config.loader import check_config
+
+    report = check_config(args.files, namespace=args.namespace, root_namespace=args.root_namespace)
+    for problem in report.errors:
+        print(problem)
+    for problem in report.warnings:
+        print(f"warning: {problem}")
+    errors = len(report.errors)
+    if args.service and not errors:
+        errors += _show_service(report, args)
+    print(
+        f"{_plural(report.documents, 'document')}, {_plural(errors, 'error')}, "
+        f"{_plural(len(report.warnings), 'warning')}"
+    )
+    return EXIT_INVALID if errors else 0
+
+
+def _show_service(report: ConfigReport, args: argparse.Namespace) -> int:
+    from meshware.config.errors import MeshConfigError
+    from meshware.config.loader import MeshConfig
+
+    base = MeshConfig(
+        resources=report.resources,
+        namespace=args.namespace,
+        root_namespace=args.root_namespace,
+        source=report.source,
+    )
+    try:
+        config = base.for_service(args.service)
+    except MeshConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        return len(exc.problems)
+    mode = config.mtls_mode.name if config.mtls_mode is not None else "not set"
+    limits = len(config.rate_limit.rules) if config.rate_limit is not None else 0
+    print(
+        f"{args.service} ({args.namespace}): {_plural(len(config.policies), 'authorization policy', 'authorization policies')}"
+        f", {_plural(len(config.jwt_rules), 'JWT rule')}, mTLS {mode}, "
+        f"{_plural(limits, 'rate-limit rule')}, "
+        f"{_plural(len(config.routes.virtual_services), 'virtual service')}, "
+        f"{_plural(len(config.destination_rules), 'destination rule')}"
+    )
+    return 0
+
+
+def _pairs(values: Sequence[str], option: str) -> list[tuple[str, str]]:
+    pairs: list[tuple[str, str]] = []
+    for value in values:
+        key, sep, item = value.partition("=")
+        if not sep or not key:
+            raise ConfigurationError("expected KEY=VALUE", field=option, value=value)
+        pairs.append((key, item))
+    return pairs
+
+
+def _claim_value(text: str) -> Any:
+    # Numbers, booleans and lists as JSON writes them; anything else is a string.
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _caller(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    from meshware.identity.spiffe import SpiffeId
+
+    given: str | None = args.source
+    if given is None:
+        if args.namespace is not None:
+            raise ConfigurationError(
+                "needs --from: a caller without an identity has no namespace",
+                field="--namespace",
+                value=args.namespace,
+            )
+        return None, None
+    try:
+        if given.startswith("spiffe://"):
+            spiffe = SpiffeId.parse(given)
+        elif "/" in given:
+            spiffe = SpiffeId.parse(f"spiffe://{given}")
+        else:
+            spiffe = SpiffeId.for_service(args.trust_domain, args.namespace or "default", given)
+    except ConfigurationError as exc:
+        raise ConfigurationError(
+            f"expected a principal (cluster.local/ns/NS/sa/SA), a spiffe:// id or a service "
+            f"name: {exc}",
+            field="--from",
+            value=given,
+        ) from exc
+    if spiffe.namespace is None:
+        raise ConfigurationError(
+            "expected a workload identity (<trust-domain>/ns/<namespace>/sa/<account>)",
+            field="--from",
+            value=given,
+        )
+    if args.namespace is not None and args.namespace != spiffe.namespace:
+        raise ConfigurationError(
+            f"the caller {spiffe.principal} is in namespace {spiffe.namespace}",
+            field="--namespace",
+            value=args.namespace,
+        )
+    return spiffe.principal, spiffe.namespace
+
+
+def _explain_policies(args: argparse.Namespace) -> tuple[list[AuthorizationPolicy], dict[str, str]]:
+    """The policies to apply and, by policy name, where each rule of it is written."""
+    from meshware.config.errors import MeshConfigError
+    from meshware.config.loader import MeshConfig, check_config
+    from meshware.policy.authz import AuthorizationPolicy
+
+    report = check_config(
+        args.policy, namespace=args.service_namespace, root_namespace=args.root_namespace
+    )
+    if report.errors:
+        raise MeshConfigError(report.errors, report.warnings)
+    resources = [r for r in report.resources if r.kind == "AuthorizationPolicy"]
+    if args.service:
+        config = MeshConfig(
+            resources=tuple(resources),
+            namespace=args.service_namespace,
+            root_namespace=args.root_namespace,
+        ).for_service(args.service)
+        chosen = list(config.policies)
+    else:
+        chosen = [r.value for r in resources if isinstance(r.value, AuthorizationPolicy)]
+    where: dict[str, str] = {}
+    for resource in resources:
+        if isinstance(resource.value, AuthorizationPolicy):
+            for index, line in enumerate(resource.rule_lines):
+                at = f", line {line}" if line is not None else ""
+                where[f"{resource.value.name}#{index}"] = f"{resource.where}{at}"
+    return chosen, where
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from meshware.policy.authz import Authorizer
+    from meshware.policy.facts import RequestFacts
+
+    principal, namespace = _caller(args)
+    policies, where = _explain_policies(args)
+    claims: dict[str, Any] = {}
+    for key, value in _pairs(args.claim, "--claim"):
+        parsed = _claim_value(value)
+        if key in claims:
+            previous = claims[key]
+            claims[key] = [*previous, parsed] if isinstance(previous, list) else [previous, parsed]
+        else:
+            claims[key] = parsed
+    request_principal = args.request_principal
+    if request_principal is not None:
+        issuer, _, subject = request_principal.rpartition("/")
+        if not issuer or not subject:
+            raise ConfigurationError(
+                "expected <issuer>/<subject>", field="--request-principal", value=request_principal
+            )
+        claims.setdefault("iss", issuer)
+        claims.setdefault("sub", subject)
+    elif isinstance(claims.get("iss"), str) and isinstance(claims.get("sub"), str):
+        request_principal = f"{claims['iss']}/{claims['sub']}"
+    headers: dict[str, str] = {}
+    for key, value in _pairs(args.header, "--header"):
+        name = key.lower()
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    path, _, query = args.path.partition("?")
+    if not path.startswith("/"):
+        raise ConfigurationError("expected a path starting with /", field="--path", value=args.path)
+    facts = RequestFacts(
+        method=args.method.upper(),
+        path=path,
+        query=query,
+        host=args.host.lower(),
+        port=args.port,
+        headers=headers,
+        source_ip=args.ip,
+        source_principal=principal,
+        source_namespace=namespace,
+        request_principal=request_principal,
+        claims=claims,
+    )
+    decision = Authorizer(policies).decide(facts)
+    _print_decision(facts, decision, policies, where, args)
+    return 0 if decision.allowed else EXIT_DENIED
+
+
+def _print_decision(
+    facts: Any,
+    decision: AuthzDecision,
+    policies: Sequence[AuthorizationPolicy],
+    where: dict[str, str],
+    args: argparse.Namespace,
+) -> None:
+    target = f" for service {args.service}" if args.service else ""
+    counts = ", ".join(
+        _plural(n, action)
+        for action in ("ALLOW", "DENY", "AUDIT")
+        if (n := sum(1 for p in policies if p.action == action))
+    )
+    dry = sum(1 for p in policies if p.dry_run)
+    if dry:
+        counts += f", {dry} in dry-run"
+    summary = _plural(len(policies), "policy", "policies") + (f" ({counts})" if counts else "")
+    print(f"request:   {facts.method} {facts.path}{'?' + facts.query if facts.query else ''}")
+    if decision.code == "invalid-path":
+        print("path:      invalid")
+    elif decision.rewritten_path is not None:
+        print(f"path:      {decision.rewritten_path} (normalized from {facts.path})")
+    else:
+        print(f"path:      {facts.path} (already normalized)")
+    caller = facts.source_principal or "no mTLS identity"
+    if facts.source_namespace:
+        caller += f" (namespace {facts.source_namespace})"
+    if facts.source_ip:
+        caller += f" from {facts.source_ip}"
+    print(f"caller:    {caller}")
+    print(f"jwt:       {facts.request_principal or 'none'}")
+    print(f"policies:  {summary}{target}")
+    verdict = "ALLOW" if decision.allowed else "DENY"
+    print(f"decision:  {verdict} ({decision.status} {decision.code})")
+    print(f"reason:    {decision.reason}")
+    if decision.policy is not None:
+        at = where.get(f"{decision.policy}#{decision.rule}")
+        print(
+            f'by:        {decision.action} policy "{decision.policy}" rule {decision.rule}'
+            + (f" ({at})" if at else "")
+        )
+    if decision.dry_run_allowed is None:
+        print("dry-run:   no dry-run policies")
+    else:
+        for match in decision.dry_run:
+            verb = "allow" if match.would_allow else "deny"
+            at = where.get(f"{match.policy}#{match.rule}")
+            print(
+                f'dry-run:   policy "{match.policy}" rule {match.rule} would {verb}'
+                + (f" ({at})" if at else "")
+            )
+        outcome = "allowed" if decision.dry_run_allowed else "denied"
+        print(f"dry-run:   with dry-run policies enforced, the request would be {outcome}")
+    audited = ", ".join(f'"{name}"' for name in decision.audited) or "none"
+    print(f"audit:     {audited}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -210,6 +529,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "check":
+            return _check(args)
+        if args.command == "explain":
+            return _explain(args)
         action = getattr(args, f"{args.command}_command")
         return handlers[(args.command, action)](args)
     except ConfigurationError as exc:

@@ -16,6 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MESHWARE = [sys.executable, "-m", "meshware.cli"]
 
 
+PROCESSES: dict[int, subprocess.Popen[bytes]] = {}
+"""The running ``meshware serve`` processes, by port (for tests that signal them)."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,8 +82,10 @@ def meshware_serve(
     )
     try:
         wait_for_port(port, proc, log)
+        PROCESSES[port] = proc
         yield port
     finally:
+        PROCESSES.pop(port, None)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -13,10 +13,12 @@ import inspect
 import logging
 import os
 import shutil
+import signal
 import socket
 import ssl
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +56,7 @@ class ServeOptions:
     trace_exporter: Literal["none", "console", "otlp"] = "none"
     trace_sample: float = 0.01
     otlp_endpoint: str | None = None
+    drain_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if ":" not in self.app:
@@ -71,6 +74,10 @@ class ServeOptions:
                 "expected a port 1-65535 other than --port",
                 field="health_port",
                 value=self.health_port,
+            )
+        if not 0.0 <= self.drain_seconds <= 3600.0:
+            raise ConfigurationError(
+                "expected seconds from 0 to 3600", field="drain_seconds", value=self.drain_seconds
             )
         if not 0.0 <= self.trace_sample <= 1.0:
             raise ConfigurationError(
@@ -306,7 +313,47 @@ def _serve_asgi(app: Any, tls: ReloadingServerTLS | None, options: ServeOptions)
     sockets = [_listen(options.host, options.port)]
     if options.health_port is not None:
         sockets.append(_listen(options.host, options.health_port))
-    uvicorn.Server(config).run(sockets=sockets)
+    server = _draining_server_class(uvicorn.Server)(
+        config, drain_seconds=options.drain_seconds, health=_health_of(app)
+    )
+    server.run(sockets=sockets)
+
+
+def _health_of(app: Any) -> Any:
+    """The HealthChecks of a served mesh stack (possibly wrapped in an identity layer)."""
+    while app is not None:
+        health = getattr(app, "health", None)
+        if health is not None and hasattr(health, "mark_draining"):
+            return health
+        app = getattr(app, "app", None)
+    return None
+
+
+def _draining_server_class(base: type[Any]) -> type[Any]:
+    class DrainingServer(base):  # type: ignore[misc]
+        """On SIGTERM, turn readiness to 503 first and keep serving for ``drain_seconds`` (so
+        load balancers and Kubernetes stop sending new requests), then shut down as usual:
+        stop accepting, finish the requests in flight, run the lifespan shutdown."""
+
+        def __init__(self, config: Any, *, drain_seconds: float, health: Any) -> None:
+            super().__init__(config)
+            self._drain_seconds = drain_seconds
+            self._health = health
+            self._draining = False
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if sig == signal.SIGTERM and self._drain_seconds > 0 and not self._draining:
+                self._draining = True
+                if self._health is not None:
+                    self._health.mark_draining()
+                logger.info("draining for %.1fs before shutting down", self._drain_seconds)
+                timer = threading.Timer(self._drain_seconds, super().handle_exit, (sig, frame))
+                timer.daemon = True
+                timer.start()
+                return
+            super().handle_exit(sig, frame)
+
+    return DrainingServer
 
 
 def _serve_wsgi(app: Any, tls: ReloadingServerTLS | None, options: ServeOptions) -> None:

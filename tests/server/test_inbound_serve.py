@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshware.identity.ca import LocalCA, ServicePaths
-from tests.servers import free_port, meshware_serve
+from tests.servers import PROCESSES, free_port, meshware_serve
 
 pytestmark = pytest.mark.integration
 
@@ -198,3 +198,30 @@ def test_gunicorn_workers_share_one_metrics_view(pki: Path) -> None:
         if s.name == "istio_requests_total" and s.labels.get("response_code") == "200"
     )
     assert total == sent
+
+
+def test_sigterm_drains_readiness_before_stopping(pki: Path, tmp_path: Path) -> None:
+    """With --drain-seconds, SIGTERM turns /readyz to 503 while requests are still served."""
+    import os
+    import signal
+    import time
+
+    health_port = free_port()
+    with meshware_serve(
+        APPS["uvicorn"],
+        service="catalog",
+        cert_dir=pki,
+        env=env(pki, MESH_TEST_RATE="1000/minute"),
+        args=["--health-port", str(health_port), "--drain-seconds", "2"],
+        log=tmp_path / "drain.log",
+    ) as port:
+        assert httpx.get(f"http://127.0.0.1:{health_port}/readyz", timeout=5).status_code == 200
+        pid = PROCESSES[port].pid  # uvicorn runs in the CLI's own process
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        status = 200
+        while status == 200 and time.monotonic() < deadline:
+            status = httpx.get(f"http://127.0.0.1:{health_port}/readyz", timeout=5).status_code
+        assert status == 503
+        with caller(pki, "users") as users:  # still serving while draining
+            assert users.get(f"https://127.0.0.1:{port}/api/items/1").status_code == 200
