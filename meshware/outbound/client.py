@@ -16,6 +16,7 @@ httpx transport, untouched (trace headers and ``x-request-id`` are still added).
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -102,12 +103,35 @@ class OutboundConfig:
     def __post_init__(self) -> None:
         if not self.service:
             raise ConfigurationError("must name this service", field="service", value=self.service)
+        try:
+            self.workload()
+        except ConfigurationError as exc:
+            # WorkloadInfo names its own fields; these are this object's.
+            name = (exc.field or "").removeprefix("workload.")
+            message = str(exc).removeprefix(f"{exc.field}: ")
+            raise ConfigurationError(message, field=name or None, value=exc.value) from exc
         if not isinstance(self.retry, RetryPolicy):
             raise ConfigurationError("expected a RetryPolicy", field="retry", value=self.retry)
-        if self.timeout <= 0:
-            raise ConfigurationError("must be positive", field="timeout", value=self.timeout)
+        timeout = self.timeout
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not 0 < timeout < math.inf
+        ):
+            raise ConfigurationError(
+                "expected a positive, finite number of seconds", field="timeout", value=timeout
+            )
+        if isinstance(self.destinations, (str, bytes)) or not isinstance(
+            self.destinations, Sequence
+        ):
+            raise ConfigurationError(
+                "expected a list of DestinationRule", field="destinations", value=self.destinations
+            )
+        # A tuple, so that the frozen configuration stays hashable and unchanged.
+        object.__setattr__(self, "destinations", tuple(self.destinations))
 
     def workload(self) -> WorkloadInfo:
+        """This service as the ``source_*`` labels of client metrics describe it."""
         return WorkloadInfo(
             service=self.service,
             namespace=self.namespace,
@@ -151,8 +175,28 @@ def mesh_transport(
     *,
     clock: Callable[[], float] = time.monotonic,
     rng: random.Random | None = None,
+    passthrough: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncBaseTransport:
-    """The async outbound stack for ``config`` (for an ``httpx.AsyncClient(transport=...)``)."""
+    """The async outbound stack for ``config`` (for an ``httpx.AsyncClient(transport=...)``).
+
+    Args:
+        config: how this service calls the others.
+        clock: the monotonic clock of deadlines, route timeouts, retry budgets, outlier
+            detection and breakers (seconds; tests pass a fake one).
+        rng: the random source of weighted routes, mirror and fault percentages, balancer
+            picks and backoff jitter; seed it for reproducible runs. ``None``: unseeded.
+        passthrough: the transport that sends what does not go over mesh mTLS: calls to
+            hosts that are not mesh services, and every mesh call when ``config.cert_dir``
+            is ``None`` (plaintext). ``None``: a new ``httpx.AsyncHTTPTransport``. Tests
+            pass an ``httpx.MockTransport`` here to run the whole stack without a network.
+
+    Returns:
+        The outermost transport of the stack (telemetry).
+
+    Raises:
+        ConfigurationError: the certificate files of ``config.cert_dir`` cannot be read, or
+            another argument is invalid.
+    """
     from meshware.outbound.route_transport import AsyncRoutingTransport
     from meshware.outbound.transport_balancing import AsyncBalancingTransport
     from meshware.outbound.transport_breaker import AsyncBreakerTransport
@@ -166,6 +210,7 @@ def mesh_transport(
         workload=config.workload(),
         cert_dir=config.cert_dir,
         server_ids=dict(config.server_ids),
+        passthrough=passthrough,
         clock=clock,
     )
     transport = AsyncBreakerTransport(transport, state=parts.state)
@@ -194,8 +239,13 @@ def mesh_sync_transport(
     *,
     clock: Callable[[], float] = time.monotonic,
     rng: random.Random | None = None,
+    passthrough: httpx.BaseTransport | None = None,
 ) -> httpx.BaseTransport:
-    """The sync outbound stack for ``config`` (for an ``httpx.Client(transport=...)``)."""
+    """The sync outbound stack for ``config`` (for an ``httpx.Client(transport=...)``).
+
+    The arguments are :func:`mesh_transport`'s; ``passthrough`` is an
+    ``httpx.BaseTransport`` (a new ``httpx.HTTPTransport`` when ``None``).
+    """
     from meshware.outbound.route_transport import RoutingTransport
     from meshware.outbound.transport_balancing import BalancingTransport
     from meshware.outbound.transport_breaker import BreakerTransport
@@ -209,6 +259,7 @@ def mesh_sync_transport(
         workload=config.workload(),
         cert_dir=config.cert_dir,
         server_ids=dict(config.server_ids),
+        passthrough=passthrough,
         clock=clock,
     )
     transport = BreakerTransport(transport, state=parts.state)
@@ -231,17 +282,60 @@ def mesh_sync_transport(
     )
 
 
-def mesh_client(config: OutboundConfig, **client_kwargs: Any) -> httpx.AsyncClient:
+def mesh_client(
+    config: OutboundConfig,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    rng: random.Random | None = None,
+    passthrough: httpx.AsyncBaseTransport | None = None,
+    **client_kwargs: Any,
+) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` that calls other services through the mesh.
 
-    ``client_kwargs`` go to ``httpx.AsyncClient`` (headers, base_url, ...); ``transport`` is
-    meshware's.
+    Args:
+        config: how this service calls the others.
+        clock: the monotonic clock of the stack (see :func:`mesh_transport`).
+        rng: the stack's random source; seed it for reproducible routing (see
+            :func:`mesh_transport`).
+        passthrough: the transport of calls that do not go over mesh mTLS (see
+            :func:`mesh_transport`).
+        client_kwargs: passed to ``httpx.AsyncClient`` (``headers``, ``base_url``, ...);
+            ``timeout`` defaults to ``config.timeout``. ``transport`` is meshware's and may
+            not be given.
+
+    Raises:
+        ConfigurationError: as :func:`mesh_transport`, or ``transport`` was given.
     """
+    _check_client_kwargs(client_kwargs)
     client_kwargs.setdefault("timeout", config.timeout)
-    return httpx.AsyncClient(transport=mesh_transport(config), **client_kwargs)
+    transport = mesh_transport(config, clock=clock, rng=rng, passthrough=passthrough)
+    return httpx.AsyncClient(transport=transport, **client_kwargs)
 
 
-def mesh_sync_client(config: OutboundConfig, **client_kwargs: Any) -> httpx.Client:
-    """An ``httpx.Client`` that calls other services through the mesh (Flask, Django, threads)."""
+def mesh_sync_client(
+    config: OutboundConfig,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    rng: random.Random | None = None,
+    passthrough: httpx.BaseTransport | None = None,
+    **client_kwargs: Any,
+) -> httpx.Client:
+    """An ``httpx.Client`` that calls other services through the mesh (Flask, Django, threads).
+
+    The arguments are :func:`mesh_client`'s; ``passthrough`` is an ``httpx.BaseTransport``.
+    """
+    _check_client_kwargs(client_kwargs)
     client_kwargs.setdefault("timeout", config.timeout)
-    return httpx.Client(transport=mesh_sync_transport(config), **client_kwargs)
+    transport = mesh_sync_transport(config, clock=clock, rng=rng, passthrough=passthrough)
+    return httpx.Client(transport=transport, **client_kwargs)
+
+
+def _check_client_kwargs(client_kwargs: Mapping[str, Any]) -> None:
+    # httpx would raise a bare TypeError for the duplicate keyword; say what to do instead.
+    if "transport" in client_kwargs:
+        raise ConfigurationError(
+            "the mesh client's transport is meshware's; build a client around "
+            "mesh_transport() instead, or pass passthrough= for the calls outside the mesh",
+            field="transport",
+            value=client_kwargs["transport"],
+        )

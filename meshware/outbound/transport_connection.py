@@ -500,7 +500,12 @@ class _ConnectionCore:
     def route(self, request: httpx.Request) -> tuple[CallPlan, ClientTLSSettings] | None:
         """``None`` for calls the plain transport sends; else the plan and TLS settings."""
         plan = plan_of(request)
-        if plan.destination is None or request.url.scheme != "https":
+        if plan.destination is None:
+            return None
+        if request.url.scheme != "https":
+            # A plaintext mesh call (tls mode DISABLE): the layers above left the attempt's
+            # bounds to this innermost layer, so they are set here too.
+            prepare_attempt(request, plan)
             return None
         tls = request.extensions.get(TLS_KEY)
         if not isinstance(tls, ClientTLSSettings):

@@ -26,9 +26,9 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from hashlib import blake2b
-from typing import TYPE_CHECKING, Literal, NamedTuple, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, TypeAlias, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from meshware.exceptions import ConfigurationError
@@ -36,7 +36,7 @@ from meshware.policy.facts import RequestFacts
 from meshware.state.base import BackendUnavailable
 
 if TYPE_CHECKING:
-    from meshware.state.base import RateLimitBackend
+    from meshware.state.base import Acquisition, RateLimitBackend
 
 __all__ = [
     "ROUTE_ATTRIBUTE",
@@ -326,16 +326,25 @@ def gcra(tat: float | None, now: float, rate: Rate, cost: int = 1) -> GcraResult
     backlog = (base - now) / interval
     if backlog + cost <= burst + _TOLERANCE:
         new_tat = base + cost * interval
-        return GcraResult(
-            True, new_tat, math.floor(burst - backlog - cost + _TOLERANCE), new_tat - now, 0.0
+        # tuple.__new__ straight away: GcraResult(...) adds a Python-level call.
+        return _new_result(
+            GcraResult,
+            (True, new_tat, _floor(burst - backlog - cost + _TOLERANCE), new_tat - now, 0.0),
         )
-    return GcraResult(
-        False,
-        base,
-        max(0, math.floor(burst - backlog + _TOLERANCE)),
-        base - now,
-        (backlog + cost - burst) * interval,
+    return _new_result(
+        GcraResult,
+        (
+            False,
+            base,
+            max(0, _floor(burst - backlog + _TOLERANCE)),
+            base - now,
+            (backlog + cost - burst) * interval,
+        ),
     )
+
+
+_new_result: Final = tuple.__new__
+_floor: Final = math.floor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -912,6 +921,92 @@ _NOT_LIMITED = RateLimitDecision(allowed=True)
 
 _Plan = list[tuple[RateLimitRule, str]]
 
+_DECISION_FIELDS: Final = (
+    "allowed",
+    "status",
+    "rule",
+    "limit",
+    "window",
+    "remaining",
+    "reset_after",
+    "retry_after",
+    "shadow_limited",
+    "shadow_rule",
+    "backend_error",
+    "header_mode",
+)
+
+
+def _decision_maker() -> Callable[..., RateLimitDecision]:
+    """``RateLimitDecision`` from the values of all its fields, in ``_DECISION_FIELDS`` order.
+
+    A frozen dataclass's ``__init__`` sets each slot through ``object.__setattr__``, which is
+    most of the cost of a decision; the slots are filled through their descriptors instead,
+    when the class has exactly the slots expected (otherwise the constructor is used).
+    """
+    setters = []
+    if tuple(f.name for f in fields(RateLimitDecision)) == _DECISION_FIELDS:
+        for name in _DECISION_FIELDS:
+            descriptor = RateLimitDecision.__dict__.get(name)
+            if descriptor is None or type(descriptor).__name__ != "member_descriptor":
+                break
+            setters.append(descriptor.__set__)
+    if len(setters) != len(_DECISION_FIELDS):
+
+        def slow(*values: Any) -> RateLimitDecision:
+            return RateLimitDecision(**dict(zip(_DECISION_FIELDS, values, strict=True)))
+
+        return slow
+    new = object.__new__
+    (
+        set_allowed,
+        set_status,
+        set_rule,
+        set_limit,
+        set_window,
+        set_remaining,
+        set_reset_after,
+        set_retry_after,
+        set_shadow_limited,
+        set_shadow_rule,
+        set_backend_error,
+        set_header_mode,
+    ) = setters
+
+    def make(
+        allowed: bool,
+        status: int,
+        rule: str | None,
+        limit: int | None,
+        window: int | None,
+        remaining: int | None,
+        reset_after: float,
+        retry_after: float,
+        shadow_limited: bool,
+        shadow_rule: str | None,
+        backend_error: bool,
+        header_mode: HeaderMode,
+    ) -> RateLimitDecision:
+        decision: RateLimitDecision = new(RateLimitDecision)
+        set_allowed(decision, allowed)
+        set_status(decision, status)
+        set_rule(decision, rule)
+        set_limit(decision, limit)
+        set_window(decision, window)
+        set_remaining(decision, remaining)
+        set_reset_after(decision, reset_after)
+        set_retry_after(decision, retry_after)
+        set_shadow_limited(decision, shadow_limited)
+        set_shadow_rule(decision, shadow_rule)
+        set_backend_error(decision, backend_error)
+        set_header_mode(decision, header_mode)
+        return decision
+
+    return make
+
+
+_make_decision: Final = _decision_maker()
+
 
 def _more_restrictive(a: GcraResult, b: GcraResult) -> bool:
     """Whether ``a`` restricts the caller more than ``b``."""
@@ -973,6 +1068,21 @@ class RateLimiter:
         self._error_lock = threading.Lock()
         self._rules = policy.rules
         self._prefix = policy.key_prefix
+        # Per service-wide rule, what each request needs: (rule, bucket key prefix, key
+        # builder, match or None, rate).
+        self._compiled = tuple(
+            (
+                rule,
+                policy.key_prefix + rule.name + ":",
+                rule._key.build,
+                None if rule.match is None else rule.match.matches,
+                rule._rate,
+            )
+            for rule in policy.rules
+        )
+        from meshware.state.memory import MemoryBackend
+
+        self._memory = MemoryBackend
         self._mode: HeaderMode = policy.headers
         self._fail_open = policy.failure_mode == "open"
         self._failure = RateLimitDecision(
@@ -982,14 +1092,24 @@ class RateLimiter:
             header_mode=self._mode,
         )
 
-    def _plan(self, facts: RequestFacts, route_rules: Sequence[RateLimitRule]) -> _Plan:
-        prefix = self._prefix
+    def _plan(
+        self, facts: RequestFacts, route_rules: Sequence[RateLimitRule]
+    ) -> tuple[_Plan, list[Acquisition]]:
         plan: _Plan = []
-        for rules in (self._rules, route_rules):
-            for rule in rules:
+        charges: list[Acquisition] = []
+        for rule, bucket, build, matches, rate in self._compiled:
+            if matches is None or matches(facts):
+                key = bucket + build(facts)
+                plan.append((rule, key))
+                charges.append((key, rate, 1))
+        if route_rules:
+            prefix = self._prefix
+            for rule in route_rules:
                 if rule.match is None or rule.match.matches(facts):
-                    plan.append((rule, prefix + rule.name + ":" + rule._key.build(facts)))
-        return plan
+                    key = prefix + rule.name + ":" + rule._key.build(facts)
+                    plan.append((rule, key))
+                    charges.append((key, rule._rate, 1))
+        return plan, charges
 
     def decide(
         self, facts: RequestFacts, *, route_rules: Sequence[RateLimitRule] = ()
@@ -1004,12 +1124,12 @@ class RateLimiter:
             The decision. A backend failure does not raise: it becomes the failure-mode
             decision with ``backend_error=True``.
         """
-        plan = self._plan(facts, route_rules)
+        plan, charges = self._plan(facts, route_rules)
         if not plan:
             return _NOT_LIMITED
         now = self._clock()
         try:
-            results = self.backend.acquire_many([(k, r._rate, 1) for r, k in plan], now)
+            results = self.backend.acquire_many(charges, now)
         except BackendUnavailable as exc:
             return self._backend_failed(exc, now)
         return self._combine(plan, results)
@@ -1018,17 +1138,42 @@ class RateLimiter:
         self, facts: RequestFacts, *, route_rules: Sequence[RateLimitRule] = ()
     ) -> RateLimitDecision:
         """The non-blocking twin of :meth:`decide`, for ASGI; same arguments and result."""
-        plan = self._plan(facts, route_rules)
+        plan, charges = self._plan(facts, route_rules)
         if not plan:
             return _NOT_LIMITED
         now = self._clock()
+        backend = self.backend
         try:
-            results = await self.backend.acquire_many_async([(k, r._rate, 1) for r, k in plan], now)
+            if type(backend) is self._memory:
+                # Its awaitable twin only wraps this; calling it directly saves a coroutine.
+                results = backend.acquire_many(charges, now)
+            else:
+                results = await backend.acquire_many_async(charges, now)
         except BackendUnavailable as exc:
             return self._backend_failed(exc, now)
         return self._combine(plan, results)
 
     def _combine(self, plan: _Plan, results: Sequence[GcraResult]) -> RateLimitDecision:
+        if len(plan) == 1 and len(results) == 1 and not plan[0][0].shadow:
+            # One enforced rule: it is the reported one.
+            rule = plan[0][0]
+            result = results[0]
+            rate = rule._rate
+            allowed = result.allowed
+            return _make_decision(
+                allowed,
+                200 if allowed else 429,
+                rule.name,
+                rate.burst,
+                rate.window_seconds,
+                result.remaining,
+                result.reset_after,
+                result.retry_after,
+                False,
+                None,
+                False,
+                self._mode,
+            )
         worst: tuple[RateLimitRule, GcraResult] | None = None
         shadow_rule: str | None = None
         for (rule, _), result in zip(plan, results, strict=True):
@@ -1045,18 +1190,19 @@ class RateLimiter:
             )
         rule, result = worst
         rate = rule._rate
-        return RateLimitDecision(
-            allowed=result.allowed,
-            status=200 if result.allowed else 429,
-            rule=rule.name,
-            limit=rate.burst,
-            window=rate.window_seconds,
-            remaining=result.remaining,
-            reset_after=result.reset_after,
-            retry_after=result.retry_after,
-            shadow_limited=shadow_rule is not None,
-            shadow_rule=shadow_rule,
-            header_mode=self._mode,
+        return _make_decision(
+            result.allowed,
+            200 if result.allowed else 429,
+            rule.name,
+            rate.burst,
+            rate.window_seconds,
+            result.remaining,
+            result.reset_after,
+            result.retry_after,
+            shadow_rule is not None,
+            shadow_rule,
+            False,
+            self._mode,
         )
 
     def _backend_failed(self, exc: BackendUnavailable, now: float) -> RateLimitDecision:

@@ -22,6 +22,7 @@ DEFAULT_MAX_KEYS = 100_000
 # Expired buckets removed per charge: more than the one bucket a charge can add, so the
 # table shrinks back once a flood of keys has passed.
 _SWEEP = 2
+_SWEEPS = range(_SWEEP)
 
 
 class MemoryBackend:
@@ -82,18 +83,19 @@ class MemoryBackend:
         tats = self._tats
         tat = tats.get(key)
         result = gcra(tat, now, rate, cost)
+        tats[key] = result[1]
         if tat is None:
-            tats[key] = result.tat
             if len(tats) > self.max_keys:
                 tats.popitem(last=False)
         else:
-            tats[key] = result.tat
             tats.move_to_end(key)
-        for _ in range(_SWEEP):
-            oldest_key, oldest_tat = next(iter(tats.items()))
-            if oldest_tat > now or oldest_key == key:
-                break
-            del tats[oldest_key]
+        # The charged bucket is now the newest; with no other bucket there is nothing to sweep.
+        if len(tats) > 1:
+            for _ in _SWEEPS:
+                oldest_key = next(iter(tats))
+                if oldest_key == key or tats[oldest_key] > now:
+                    break
+                del tats[oldest_key]
         return result
 
     def close(self) -> None:

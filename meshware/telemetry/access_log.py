@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from meshware.exceptions import ConfigurationError
@@ -27,8 +28,34 @@ ACCESS_LOGGER: Final = "meshware.access"
 
 _CONTROL: Final = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 _ENCODE: Final = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_STRING: Final = json.encoder.encode_basestring_ascii
+_STANDARD_FIELDS: Final = 19  # the fields every line has, before RequestRecord.extra's
+_MAKE_RECORD: Final = logging.Logger.makeRecord
+
+
+def _json(value: object) -> str:
+    """``value`` exactly as ``_ENCODE`` writes it inside a line, the common types first."""
+    kind = type(value)
+    if kind is str:
+        return _STRING(value)  # type: ignore[arg-type]
+    if value is None:
+        return "null"
+    if kind is int:
+        return int.__repr__(value)  # type: ignore[arg-type]
+    if kind is float and value - value == 0.0:  # type: ignore[operator]
+        return float.__repr__(value)  # type: ignore[arg-type]
+    return _ENCODE(value)
 _internal_log = logging.getLogger("meshware.telemetry")
 _second_cache: tuple[int, str] = (-1, "")
+
+
+_MAX_KEPT: Final = 256  # encoded parts kept per kind; peers choose some of the values
+
+
+def _keep(parts: dict[Any, str], key: Any, encoded: str) -> None:
+    if len(parts) >= _MAX_KEPT:
+        parts.clear()
+    parts[key] = encoded
 
 
 def rfc3339_ms(timestamp: float) -> str:
@@ -86,7 +113,18 @@ class AccessLog:
     attribute, for handlers that format records themselves.
     """
 
-    __slots__ = ("_failed", "_level", "_logger", "_max_path", "_max_user_agent", "now")
+    __slots__ = (
+        "_agents",
+        "_callers",
+        "_failed",
+        "_heads",
+        "_level",
+        "_logger",
+        "_max_path",
+        "_max_user_agent",
+        "_outcomes",
+        "now",
+    )
 
     def __init__(
         self,
@@ -138,6 +176,11 @@ class AccessLog:
         self._max_path = max_path_length
         self._max_user_agent = max_user_agent_length
         self._failed = False
+        # Encoded parts of lines, by the values they encode (see _line).
+        self._heads: dict[tuple[str, str | None], str] = {}
+        self._callers: dict[tuple[str | None, str | None], str] = {}
+        self._outcomes: dict[tuple[str | None, ...], str] = {}
+        self._agents: dict[str | None, str] = {}
         self.now = wall_clock
         """The wall clock the shells read a request's start time from."""
 
@@ -239,11 +282,40 @@ class AccessLog:
         user_agent: str | None,
     ) -> None:
         """Write the line of one request; takes the arguments of :meth:`fields`. Never raises."""
+        self.write(
+            start_time,
+            method,
+            route,
+            path,
+            status,
+            duration_ms,
+            bytes_in,
+            bytes_out,
+            record,
+            trace_id,
+            user_agent,
+        )
+
+    def write(
+        self,
+        start_time: float,
+        method: str,
+        route: str | None,
+        path: str,
+        status: int,
+        duration_ms: float,
+        bytes_in: int,
+        bytes_out: int,
+        record: RequestRecord | None,
+        trace_id: str | None,
+        user_agent: str | None,
+    ) -> None:
+        """:meth:`emit` with positional arguments, for the shells' per-request path."""
         logger = self._logger
         if not logger.isEnabledFor(self._level):
             return
-        try:
-            fields = self.fields(
+        if type(self).fields is not AccessLog.fields:
+            self._emit_fields(
                 start_time=start_time,
                 method=method,
                 route=route,
@@ -256,8 +328,162 @@ class AccessLog:
                 trace_id=trace_id,
                 user_agent=user_agent,
             )
+            return
+        try:
+            if record is None or record.extra:
+                fields = self.fields(
+                    start_time=start_time,
+                    method=method,
+                    route=route,
+                    path=path,
+                    status=status,
+                    duration_ms=duration_ms,
+                    bytes_in=bytes_in,
+                    bytes_out=bytes_out,
+                    record=record,
+                    trace_id=trace_id,
+                    user_agent=user_agent,
+                )
+                line = _ENCODE(fields)
+            else:
+                fields, line = self._line(
+                    start_time,
+                    method,
+                    route,
+                    path,
+                    status,
+                    duration_ms,
+                    bytes_in,
+                    bytes_out,
+                    record,
+                    trace_id,
+                    user_agent,
+                )
+            if type(logger).makeRecord is _MAKE_RECORD:
+                # What Logger.makeRecord does, without its loop over ``extra``.
+                log_record = logging.getLogRecordFactory()(
+                    logger.name, self._level, "(access log)", 0, line, (), None, None, None
+                )
+                attributes = log_record.__dict__
+                if "meshware_access" in attributes:
+                    raise KeyError("Attempt to overwrite 'meshware_access' in LogRecord")
+                attributes["meshware_access"] = fields
+            else:
+                log_record = logger.makeRecord(
+                    logger.name,
+                    self._level,
+                    "(access log)",
+                    0,
+                    line,
+                    (),
+                    None,
+                    extra={"meshware_access": fields},
+                )
+            logger.handle(log_record)
+        except Exception:
+            self._warn()
+
+    def _line(
+        self,
+        start_time: float,
+        method: str,
+        route: str | None,
+        path: str,
+        status: int,
+        duration_ms: float,
+        bytes_in: int,
+        bytes_out: int,
+        record: RequestRecord,
+        trace_id: str | None,
+        user_agent: str | None,
+    ) -> tuple[dict[str, Any], str]:
+        """The fields of a request without ``extra`` fields, and their JSON line.
+
+        The line is exactly ``_ENCODE(fields)``, written from the values: the parts that
+        repeat from request to request (method and route, caller, decisions, user agent) are
+        encoded once and kept.
+        """
+        method = clean_text(method, 32)
+        path = clean_text(path, self._max_path)
+        agent = user_agent
+        if user_agent is not None:
+            user_agent = clean_text(user_agent, self._max_user_agent)
+        duration = round(duration_ms, 3)
+        identity = record.identity
+        principal = None if identity is None else identity.principal
+        stamp = rfc3339_ms(start_time)
+        request_principal = record.request_principal
+        request_id = record.request_id
+        authz = record.authz_decision
+        authz_policy = record.authz_policy
+        authz_reason = record.authz_reason
+        dry_run = record.authz_dry_run
+        ratelimit = record.ratelimit
+        identity_error = record.identity_error
+        fields: dict[str, Any] = {
+            "time": stamp,
+            "method": method,
+            "route": route,
+            "path": path,
+            "status": status,
+            "duration_ms": duration,
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            "source_principal": principal,
+            "request_principal": request_principal,
+            "request_id": request_id,
+            "trace_id": trace_id,
+            "authz": authz,
+            "authz_policy": authz_policy,
+            "authz_reason": authz_reason,
+            "authz_dry_run": dry_run,
+            "ratelimit": ratelimit,
+            "identity_error": identity_error,
+            "user_agent": user_agent,
+        }
+        try:
+            head = self._heads.get((method, route))
+            if head is None:
+                head = f'"method":{_STRING(method)},"route":{_json(route)},"path":'
+                _keep(self._heads, (method, route), head)
+            callers = self._callers.get((principal, request_principal))
+            if callers is None:
+                callers = (
+                    f'"source_principal":{_json(principal)},'
+                    f'"request_principal":{_json(request_principal)},"request_id":'
+                )
+                _keep(self._callers, (principal, request_principal), callers)
+            key = (authz, authz_policy, authz_reason, dry_run, ratelimit, identity_error)
+            outcomes = self._outcomes.get(key)
+            if outcomes is None:
+                outcomes = (
+                    f',"authz":{_json(authz)},"authz_policy":{_json(authz_policy)},'
+                    f'"authz_reason":{_json(authz_reason)},"authz_dry_run":{_json(dry_run)},'
+                    f'"ratelimit":{_json(ratelimit)},"identity_error":{_json(identity_error)},'
+                    '"user_agent":'
+                )
+                _keep(self._outcomes, key, outcomes)
+            tail = self._agents.get(agent)
+            if tail is None:
+                tail = _json(user_agent) + "}"
+                _keep(self._agents, agent, tail)
+        except TypeError:  # a value that cannot be a key
+            return fields, _ENCODE(fields)
+        # The time is digits and punctuation, never escaped.
+        line = (
+            f'{{"time":"{stamp}",{head}{_STRING(path)},"status":{_json(status)},'
+            f'"duration_ms":{_json(duration)},"bytes_in":{_json(bytes_in)},'
+            f'"bytes_out":{_json(bytes_out)},{callers}{_json(request_id)},'
+            f'"trace_id":{_json(trace_id)}{outcomes}{tail}'
+        )
+        return fields, line
+
+    def _emit_fields(self, **arguments: Any) -> None:
+        # For subclasses that override fields(): the line is the encoding of their dict.
+        logger = self._logger
+        try:
+            fields = self.fields(**arguments)
             line = _ENCODE(fields)
-            # makeRecord + handle skips the caller lookup that logger.info() does per call.
             log_record = logger.makeRecord(
                 logger.name,
                 self._level,
@@ -270,6 +496,9 @@ class AccessLog:
             )
             logger.handle(log_record)
         except Exception:
-            if not self._failed:
-                self._failed = True
-                _internal_log.warning("could not write an access log line", exc_info=True)
+            self._warn()
+
+    def _warn(self) -> None:
+        if not self._failed:
+            self._failed = True
+            _internal_log.warning("could not write an access log line", exc_info=True)

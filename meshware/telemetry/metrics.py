@@ -706,16 +706,49 @@ class InboundRecorder:
             error_type: the semantic conventions' ``error.type`` (``otel`` naming only);
                 defaults to the status code for 5xx responses.
         """
+        self.record(
+            identity,
+            method,
+            route,
+            status,
+            duration_s,
+            request_bytes,
+            response_bytes,
+            scheme,
+            http_version,
+            grpc,
+            grpc_status,
+            response_flags,
+            error_type,
+        )
+
+    def record(
+        self,
+        identity: Identity | None,
+        method: str,
+        route: str | None,
+        status: int,
+        duration_s: float,
+        request_bytes: int,
+        response_bytes: int,
+        scheme: str,
+        http_version: str,
+        grpc: bool,
+        grpc_status: str | None,
+        response_flags: str,
+        error_type: str | None,
+    ) -> None:
+        """:meth:`observe` with positional arguments, for the shells' per-request path."""
         if self._istio:
             principal = None if identity is None else identity.principal
             key: tuple[object, ...] = (principal, status, grpc, grpc_status, response_flags)
             children = self._children.get(key)
             if children is None:
                 children = self._istio_children(key, identity)
-            children[0].inc()
-            children[1].observe(duration_s * 1000.0)
-            children[2].observe(request_bytes)
-            children[3].observe(response_bytes)
+            children[0]()
+            children[1](duration_s * 1000.0)
+            children[2](request_bytes)
+            children[3](response_bytes)
         else:
             key = (method, route, status, scheme, http_version, error_type)
             children = self._children.get(key)
@@ -767,11 +800,12 @@ class InboundRecorder:
             "none" if identity is None else "mutual_tls",
         )
         requests = cast(Counter, self._requests)  # present under istio naming
+        # The bound methods record() calls, looked up once.
         children = (
-            requests.labels(*values),
-            self._duration.labels(*values),
-            self._request_bytes.labels(*values),
-            self._response_bytes.labels(*values),
+            requests.labels(*values).inc,
+            self._duration.labels(*values).observe,
+            self._request_bytes.labels(*values).observe,
+            self._response_bytes.labels(*values).observe,
         )
         self._children[key] = children
         return children

@@ -32,6 +32,20 @@ __all__ = ["RateLimitCore", "RateLimitMiddleware"]
 _LIMITED_BODY: Final = json_body(429, "too_many_requests", "rate limit exceeded")
 _UNAVAILABLE_BODY: Final = json_body(503, "service_unavailable", "rate limit backend unavailable")
 _NO_RULES: tuple[RateLimitRule, ...] = ()
+_LOWER: Final = {
+    name: name.lower().encode("latin-1")
+    for name in (
+        "RateLimit-Policy",
+        "RateLimit",
+        "Retry-After",
+        "X-RateLimit-Limit",
+        "X-RateLimit-Remaining",
+        "X-RateLimit-Reset",
+    )
+}
+_RATELIMIT_POLICY: Final = _LOWER["RateLimit-Policy"]
+_RATELIMIT: Final = _LOWER["RateLimit"]
+_MAX_POLICIES: Final = 1024  # encoded RateLimit-Policy values kept (one per rule in use)
 
 
 def _reads_headers(rules: Sequence[RateLimitRule]) -> bool:
@@ -50,7 +64,7 @@ class RateLimitCore:
         ConfigurationError: see :class:`RateLimitMiddleware`.
     """
 
-    __slots__ = ("_by_handler", "has_rules", "limiter", "reads_headers", "routes")
+    __slots__ = ("_by_handler", "_policies", "has_rules", "limiter", "reads_headers", "routes")
 
     def __init__(
         self,
@@ -83,6 +97,7 @@ class RateLimitCore:
         self.has_rules = bool(rules)
         self.reads_headers = _reads_headers(rules)
         self._by_handler: dict[int, tuple[object, tuple[RateLimitRule, ...], bool]] = {}
+        self._policies: dict[str, bytes] = {}
 
     def for_handler(self, handler: object | None) -> tuple[tuple[RateLimitRule, ...], bool]:
         """The handler's own rules, and whether any rule that may apply reads headers."""
@@ -94,6 +109,25 @@ class RateLimitCore:
             cached = (handler, rules, self.reads_headers or _reads_headers(rules))
             self._by_handler[id(handler)] = cached
         return cached[1], cached[2]
+
+    def encoded(
+        self, decision: RateLimitDecision, fields: list[tuple[str, str]]
+    ) -> list[tuple[bytes, bytes]]:
+        """``fields`` (the decision's :meth:`~RateLimitDecision.headers`) as ASGI header
+        pairs: lower-case names, values encoded."""
+        if len(fields) == 2 and fields[0][0] == "RateLimit-Policy":
+            # The usual pair; the policy field is the same for every request of a rule.
+            policy = fields[0][1]
+            encoded = self._policies.get(policy)
+            if encoded is None:
+                encoded = policy.encode("latin-1")
+                if len(self._policies) < _MAX_POLICIES:
+                    self._policies[policy] = encoded
+            return [(_RATELIMIT_POLICY, encoded), (_RATELIMIT, fields[1][1].encode("latin-1"))]
+        return [
+            (_LOWER.get(name) or name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in fields
+        ]
 
     @staticmethod
     def decided(
@@ -200,9 +234,7 @@ class RateLimitMiddleware:
         if not verdict or kind != "http":
             await self.app(scope, receive, send)
             return
-        extra = [
-            (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in verdict
-        ]
+        extra = core.encoded(decision, verdict)
 
         async def send_with_fields(message: Message) -> None:
             if message["type"] == "http.response.start":

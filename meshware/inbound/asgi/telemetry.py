@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
+from os import urandom as _urandom
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Final
 
@@ -51,6 +51,7 @@ _HEADER_NAME_RE: Final = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 _internal_log = logging.getLogger("meshware.telemetry")
 _attach = otel_context.attach
 _detach = otel_context.detach
+_EMIT: Final = AccessLog.emit
 
 
 def valid_request_id(value: str) -> bool:
@@ -67,8 +68,12 @@ def host_name(host: str) -> str | None:
 
 
 def new_request_id() -> str:
-    """A fresh request id: a random UUID as 32 hex digits."""
-    return uuid.uuid4().hex
+    """A fresh request id: a random (version 4) UUID as 32 hex digits."""
+    # uuid.uuid4().hex, without building a UUID object.
+    data = bytearray(_urandom(16))
+    data[6] = data[6] & 0x0F | 0x40
+    data[8] = data[8] & 0x3F | 0x80
+    return data.hex()
 
 
 class _DictGetter(Getter[Mapping[str, str]]):
@@ -212,6 +217,49 @@ class InboundTelemetry:
         Never raises: a failure is reported (once per kind) on the ``meshware.telemetry``
         logger.
         """
+        self.record(
+            record,
+            span,
+            context,
+            method,
+            route,
+            path,
+            status,
+            start,
+            wall_start,
+            bytes_in,
+            bytes_out,
+            scheme,
+            http_version,
+            grpc,
+            grpc_status,
+            user_agent,
+            error,
+            cancelled,
+        )
+
+    def record(
+        self,
+        record: RequestRecord,
+        span: Span,
+        context: Context,
+        method: str,
+        route: str | None,
+        path: str,
+        status: int,
+        start: float,
+        wall_start: float,
+        bytes_in: int,
+        bytes_out: int,
+        scheme: str,
+        http_version: str,
+        grpc: bool,
+        grpc_status: str | None,
+        user_agent: str | None,
+        error: BaseException | None,
+        cancelled: bool,
+    ) -> None:
+        """:meth:`finish` with positional arguments, for the shells' per-request path."""
         duration = self.clock() - start
         if error is not None and status == 0:
             status = 500
@@ -221,47 +269,64 @@ class InboundTelemetry:
         metrics = self.metrics
         if recorder is not None and metrics is not None:
             try:
-                recorder.observe(
-                    identity=record.identity,
-                    method=method,
-                    route=route,
-                    status=status,
-                    duration_s=duration,
-                    request_bytes=bytes_in,
-                    response_bytes=bytes_out,
-                    scheme=scheme,
-                    http_version=http_version,
-                    grpc=grpc,
-                    grpc_status=grpc_status,
-                    response_flags=(
-                        "RL" if record.ratelimit == "limited" else "DC" if cancelled else "-"
-                    ),
-                    error_type=None if error is None else type(error).__qualname__,
+                recorder.record(
+                    record.identity,
+                    method,
+                    route,
+                    status,
+                    duration,
+                    bytes_in,
+                    bytes_out,
+                    scheme,
+                    http_version,
+                    grpc,
+                    grpc_status,
+                    "RL" if record.ratelimit == "limited" else "DC" if cancelled else "-",
+                    None if error is None else type(error).__qualname__,
                 )
                 metrics.record_outcomes(record)
             except Exception:
                 self._warn_once("could not record request metrics")
         try:
-            self.spans.finish(
-                span, method=method, route=route, status=status, record=record, error=error
-            )
+            if span.is_recording():
+                self.spans.finish(
+                    span, method=method, route=route, status=status, record=record, error=error
+                )
+            else:
+                span.end()
         except Exception:
             self._warn_once("could not finish the request span")
         log = self.access_log
         if log is not None:
-            log.emit(
-                start_time=wall_start,
-                method=method,
-                route=route,
-                path=path,
-                status=status,
-                duration_ms=duration * 1000.0,
-                bytes_in=bytes_in,
-                bytes_out=bytes_out,
-                record=record,
-                trace_id=ServerSpans.trace_id(span, context),
-                user_agent=user_agent,
-            )
+            trace_id = ServerSpans.trace_id(span, context)
+            if type(log).emit is _EMIT:
+                log.write(
+                    wall_start,
+                    method,
+                    route,
+                    path,
+                    status,
+                    duration * 1000.0,
+                    bytes_in,
+                    bytes_out,
+                    record,
+                    trace_id,
+                    user_agent,
+                )
+            else:  # a subclass's own emit()
+                log.emit(
+                    start_time=wall_start,
+                    method=method,
+                    route=route,
+                    path=path,
+                    status=status,
+                    duration_ms=duration * 1000.0,
+                    bytes_in=bytes_in,
+                    bytes_out=bytes_out,
+                    record=record,
+                    trace_id=trace_id,
+                    user_agent=user_agent,
+                )
 
     def _warn_once(self, message: str) -> None:
         # A failure that repeats on every request is reported once, not at request rate.
@@ -379,16 +444,20 @@ class TelemetryMiddleware:
         request_id = headers.get(core.request_id_header)
         if request_id is None or not valid_request_id(request_id):
             request_id = new_request_id()
+            rid_pair = (rid_name, request_id.encode("latin-1"))
             # The app and its outbound calls see the id this layer logs.
-            scope["headers"] = [
-                *(pair for pair in raw_headers if pair[0] != rid_name),
-                (rid_name, request_id.encode("latin-1")),
-            ]
+            scope["headers"] = [*(pair for pair in raw_headers if pair[0] != rid_name), rid_pair]
+        else:
+            rid_pair = (rid_name, request_id.encode("latin-1"))
         record.request_id = request_id
-        rid_pair = (rid_name, request_id.encode("latin-1"))
 
         method: str = scope["method"]
-        span, ctx = core.spans.start(method, headers, _DICT_GETTER)
+        spans = core.spans
+        reads = spans.reads
+        if reads is not None and reads.isdisjoint(headers):
+            span, ctx = spans.start_root(method)  # no trace context to extract
+        else:
+            span, ctx = spans.start(method, headers, _DICT_GETTER)
         if span.is_recording():
             client = scope.get("client")
             core.spans.set_request_attributes(
@@ -466,25 +535,25 @@ class TelemetryMiddleware:
         finally:
             reset_request_id(rid_token)
             _detach(token)
-            core.finish(
-                record=record,
-                span=span,
-                context=ctx,
-                method=method,
-                route=_scope_route(scope),
-                path=_raw_path(scope),
-                status=status,
-                start=start,
-                wall_start=wall_start,
-                bytes_in=counted if bytes_in < 0 else bytes_in,
-                bytes_out=bytes_out,
-                scheme=scope.get("scheme", "http"),
-                http_version=scope.get("http_version", "1.1"),
-                grpc=grpc,
-                grpc_status=grpc_status,
-                user_agent=headers.get("user-agent"),
-                error=error,
-                cancelled=cancelled,
+            core.record(
+                record,
+                span,
+                ctx,
+                method,
+                _scope_route(scope),
+                _raw_path(scope),
+                status,
+                start,
+                wall_start,
+                counted if bytes_in < 0 else bytes_in,
+                bytes_out,
+                scope.get("scheme", "http"),
+                scope.get("http_version", "1.1"),
+                grpc,
+                grpc_status,
+                headers.get("user-agent"),
+                error,
+                cancelled,
             )
 
     async def _serve_metrics(self, scope: Scope, send: Send) -> None:
