@@ -35,6 +35,16 @@ unit: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
 
+# Every benchmark, then docs/benchmarks.md and docs/img/ rewritten from that run (on a quiet
+# machine: the figures are only as good as the machine is idle). bench-quick: a smoke run of the
+# same harness in under a minute that writes nothing.
+.PHONY: bench bench-quick
+bench: $(STAMP) system-deps
+	$(BIN)/python -m bench.run_all
+
+bench-quick: $(STAMP) system-deps
+	$(BIN)/python -m bench.run_all --quick --no-write
+
 wheel-check: $(STAMP)
 	@bash scripts/wheel-check.sh $(BIN)/python
 

@@ -416,7 +416,8 @@ def _explain(args: argparse.Namespace) -> int:
     policies, where = _explain_policies(args)
     claims: dict[str, Any] = {}
     for key, value in _pairs(args.claim, "--claim"):
-        parsed = _claim_value(value)
+        # iss and sub are strings by the JWT spec, even when they look like numbers.
+        parsed = value if key in ("iss", "sub") else _claim_value(value)
         if key in claims:
             previous = claims[key]
             claims[key] = [*previous, parsed] if isinstance(previous, list) else [previous, parsed]
@@ -467,7 +468,7 @@ def _print_decision(
 ) -> None:
     target = f" for service {args.service}" if args.service else ""
     counts = ", ".join(
-        _plural(n, action)
+        f"{n} {action}"
         for action in ("ALLOW", "DENY", "AUDIT")
         if (n := sum(1 for p in policies if p.action == action))
     )

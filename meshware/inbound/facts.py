@@ -133,18 +133,40 @@ def raw_path_of_environ(environ: Mapping[str, Any]) -> str:
     return quote(data, safe=_PATH_SAFE) or "/"
 
 
+_hosts: dict[bytes, str] = {}
+_MAX_HOSTS: Final = 256
+
+
 def _scope_host(scope: Mapping[str, Any]) -> str:
     for name, value in scope.get("headers") or ():
         if name == b"host":
-            return host_without_port(value.decode("latin-1"))
+            # A service is called by a few host names; each is lower-cased once.
+            host = _hosts.get(value)
+            if host is None:
+                host = host_without_port(value.decode("latin-1"))
+                if len(_hosts) >= _MAX_HOSTS:
+                    _hosts.clear()
+                _hosts[value] = host
+            return host
     return ""
 
 
+# The identity seen last and its (principal, namespace): the identity layer hands out the same
+# Identity object for every request of a caller it has resolved before.
+_last_caller: tuple[object, str | None, str | None] = (None, None, None)
+
+
 def _principal_fields(record: RequestRecord) -> tuple[str | None, str | None]:
+    global _last_caller
     identity = record.identity
     if identity is None:
         return None, None
-    return identity.principal, identity.namespace
+    last = _last_caller
+    if last[0] is identity:
+        return last[1], last[2]
+    principal, namespace = identity.principal, identity.namespace
+    _last_caller = (identity, principal, namespace)
+    return principal, namespace
 
 
 # RequestFacts is a frozen dataclass: its generated __init__ sets each of its twelve slots

@@ -77,6 +77,11 @@ class OutboundConfig:
         mirror_observer: receives the outcome of mirrored calls (a new one by default).
         timeout: httpx's default timeout for the client (per attempt; deadlines and route
             timeouts tighten it).
+        limits: the connection limits of each destination's connection pool (and of the
+            pool of calls outside the mesh); ``None`` for httpx's defaults: at most 100
+            connections, 20 of them kept alive when idle. Raise ``max_keepalive_connections``
+            for a destination called with more concurrency than that, so that connections
+            are reused rather than opened and closed per call.
     """
 
     service: str
@@ -99,6 +104,7 @@ class OutboundConfig:
     tracer_provider: Any = None
     mirror_observer: MirrorObserver | None = None
     timeout: float = 10.0
+    limits: httpx.Limits | None = None
 
     def __post_init__(self) -> None:
         if not self.service:
@@ -126,6 +132,10 @@ class OutboundConfig:
         ):
             raise ConfigurationError(
                 "expected a list of DestinationRule", field="destinations", value=self.destinations
+            )
+        if self.limits is not None and not isinstance(self.limits, httpx.Limits):
+            raise ConfigurationError(
+                "expected an httpx.Limits or None", field="limits", value=self.limits
             )
         # A tuple, so that the frozen configuration stays hashable and unchanged.
         object.__setattr__(self, "destinations", tuple(self.destinations))
@@ -212,6 +222,7 @@ def mesh_transport(
         server_ids=dict(config.server_ids),
         passthrough=passthrough,
         clock=clock,
+        **_limits(config),
     )
     transport = AsyncBreakerTransport(transport, state=parts.state)
     transport = AsyncBalancingTransport(transport, resolver=parts.resolver, state=parts.state)
@@ -261,6 +272,7 @@ def mesh_sync_transport(
         server_ids=dict(config.server_ids),
         passthrough=passthrough,
         clock=clock,
+        **_limits(config),
     )
     transport = BreakerTransport(transport, state=parts.state)
     transport = BalancingTransport(transport, resolver=parts.resolver, state=parts.state)
@@ -328,6 +340,10 @@ def mesh_sync_client(
     client_kwargs.setdefault("timeout", config.timeout)
     transport = mesh_sync_transport(config, clock=clock, rng=rng, passthrough=passthrough)
     return httpx.Client(transport=transport, **client_kwargs)
+
+
+def _limits(config: OutboundConfig) -> dict[str, Any]:
+    return {} if config.limits is None else {"limits": config.limits}
 
 
 def _check_client_kwargs(client_kwargs: Mapping[str, Any]) -> None:

@@ -501,6 +501,11 @@ class RetryPolicy:
             )
         return RetryVerdict(retry=True, reason=RetryReason.RETRY, condition=condition)
 
+    def matches_status(self, status: int) -> bool:
+        """Whether a response of ``status`` meets a ``retryOn`` condition, so that
+        :meth:`should_retry` may say retry (the cheap first check of every response)."""
+        return status in self._status_conditions
+
     def is_safe_to_repeat(
         self,
         method: str,

@@ -59,7 +59,7 @@ from meshware.outbound.faults import NO_FAULT, FaultDecision, RandomSource, abor
 from meshware.outbound.mirror import MirrorObserver, MirrorOutcome, shadow_request
 from meshware.outbound.retry import RetryPolicy
 from meshware.outbound.routing import RouteSelection, RouteTable
-from meshware.outbound.transports import prepare_attempt
+from meshware.outbound.transports import prepare_attempt, stamped_below
 
 __all__ = ["AsyncRoutingTransport", "RoutingTransport"]
 
@@ -316,6 +316,8 @@ class RoutingTransport(httpx.BaseTransport):
             )
         self._router = _Router(routes, resolver, rng, mirror_observer, clock, max_pending_mirrors)
         self._inner = inner
+        # Below the routing layer of a full stack, the innermost layer bounds each attempt.
+        self._stamp = not stamped_below(inner)
         self._sleep = sleep if sleep is not None else time.sleep
         self._workers = mirror_workers
         self._lock = threading.Lock()
@@ -344,7 +346,7 @@ class RoutingTransport(httpx.BaseTransport):
                     raise router.deadline_error(fault.delay_s, left, plan, request)
             if fault.abort_status is not None:
                 return abort_response(fault.abort_status, request)
-        if plan.deadline is not None:
+        if self._stamp and plan.deadline is not None:
             prepare_attempt(request, plan)
         copy = router.shadow(request, plan, selection)
         if copy is None:
@@ -476,6 +478,8 @@ class AsyncRoutingTransport(httpx.AsyncBaseTransport):
             )
         self._router = _Router(routes, resolver, rng, mirror_observer, clock, max_pending_mirrors)
         self._inner = inner
+        # Below the routing layer of a full stack, the innermost layer bounds each attempt.
+        self._stamp = not stamped_below(inner)
         self._sleep = sleep if sleep is not None else asyncio.sleep
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -506,7 +510,7 @@ class AsyncRoutingTransport(httpx.AsyncBaseTransport):
                     raise router.deadline_error(fault.delay_s, left, plan, request)
             if fault.abort_status is not None:
                 return abort_response(fault.abort_status, request)
-        if plan.deadline is not None:
+        if self._stamp and plan.deadline is not None:
             prepare_attempt(request, plan)
         copy = router.shadow(request, plan, selection)
         if copy is None:

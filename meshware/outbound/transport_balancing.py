@@ -74,7 +74,7 @@ class _Pick:
 
 
 class _BalancingCore:
-    __slots__ = ("resolver", "stamp", "state")
+    __slots__ = ("_contexts", "resolver", "stamp", "state")
 
     def __init__(self, resolver: Resolver, state: OutboundState | None, stamp: bool) -> None:
         if not isinstance(resolver, Resolver):
@@ -86,6 +86,8 @@ class _BalancingCore:
         self.resolver = resolver
         self.state = state if state is not None else OutboundState()
         self.stamp = stamp
+        # The context of a first try without a hash key, per destination: immutable, reused.
+        self._contexts: dict[str, PickContext] = {}
 
     def pick(
         self, request: httpx.Request, plan: CallPlan, found: Sequence[Endpoint] | None
@@ -129,12 +131,19 @@ class _BalancingCore:
                 hash_key = hash_key_for(
                     cluster.load_balancer, request.headers, query_params=request.url.params
                 )
-        ctx = PickContext(
-            destination=destination,
-            hash_key=hash_key,
-            exclude=frozenset(plan.tried) if plan.tried else _NO_KEYS,
-            local=state.locality,
-        )
+        if hash_key is None and not plan.tried:
+            ctx = self._contexts.get(destination)
+            if ctx is None:
+                ctx = self._contexts[destination] = PickContext(
+                    destination=destination, local=state.locality
+                )
+        else:
+            ctx = PickContext(
+                destination=destination,
+                hash_key=hash_key,
+                exclude=frozenset(plan.tried) if plan.tried else _NO_KEYS,
+                local=state.locality,
+            )
         balancer = cluster.balancer
         endpoint = balancer.pick(healthy, ctx)
         plan.endpoint = endpoint

@@ -36,6 +36,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 
 import httpx
 
@@ -61,6 +62,10 @@ from meshware.telemetry.metrics import OutboundRecorder
 __all__ = ["AsyncRetryTransport", "RetryTransport"]
 
 _DEFAULT_POLICY = RetryPolicy()
+# asyncio.timeout (Python 3.11+) limits a try without running it in a task of its own.
+_timeout: Callable[[float], AbstractAsyncContextManager[None]] | None = getattr(
+    asyncio, "timeout", None
+)
 _GAVE_UP = frozenset({RetryReason.ATTEMPTS_EXHAUSTED, RetryReason.BUDGET_EXHAUSTED})
 
 
@@ -127,8 +132,8 @@ class _Call:
 
     def after_response(self, response: httpx.Response) -> float | None:
         """The wait before a retry, or ``None`` to deliver ``response``."""
-        if not self.replayable:
-            return None
+        if not self.replayable or not self.state.policy.matches_status(response.status_code):
+            return None  # most responses: no retryOn condition, nothing else to decide
         request = self.request
         state = self.state.increment(
             method=request.method,
@@ -427,6 +432,10 @@ class AsyncRetryTransport(AttemptStamper, httpx.AsyncBaseTransport):
         if limit is None:
             return await self._transport.handle_async_request(request)
         try:
+            if _timeout is not None:
+                # No task per try, unlike wait_for: this runs on every call with a deadline.
+                async with _timeout(limit):
+                    return await self._transport.handle_async_request(request)
             return await asyncio.wait_for(self._transport.handle_async_request(request), limit)
         except asyncio.TimeoutError as exc:
             raise call.per_try_expired(limit) from exc

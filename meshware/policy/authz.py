@@ -1121,12 +1121,63 @@ class AuthzDecision:
     audited: tuple[str, ...] = ()
 
 
-# (name, compiled rules, one prebuilt decision per rule)
-_Compiled = tuple[str, tuple[_Check, ...], tuple[AuthzDecision, ...]]
+_FirstMatch = Callable[[RequestFacts, str], int]
+
+# (name, first matching rule's index or -1, one prebuilt decision per rule)
+_Compiled = tuple[str, _FirstMatch, tuple[AuthzDecision, ...]]
+
+
+def _exact_principals(rule: Rule) -> frozenset[str] | None:
+    """The principals one of which a request must have for ``rule`` to match, or ``None``
+    when the rule may match other requests too (no sources, or a source that does not
+    require an exact principal)."""
+    if not rule.from_:
+        return None
+    principals: set[str] = set()
+    for source in rule.from_:
+        values = source.principals
+        if not values or any(v == "*" or v.startswith("*") or v.endswith("*") for v in values):
+            return None
+        principals.update(values)
+    return frozenset(principals)
+
+
+def _first_match_of(rules: Sequence[Rule]) -> _FirstMatch:
+    """A function returning the index of the first of ``rules`` that matches, or -1.
+
+    Rules that can only match callers with given principals are indexed by them, so a
+    request is matched against the rules its caller may match, in order, not all of them.
+    """
+    checks = tuple(rule._compiled for rule in rules)
+    by_principal: dict[str, list[int]] = {}
+    others: list[int] = []
+    for index, rule in enumerate(rules):
+        principals = _exact_principals(rule)
+        if principals is None:
+            others.append(index)
+        else:
+            for principal in principals:
+                by_principal.setdefault(principal, []).append(index)
+    if not by_principal or len(rules) < 2:
+        return lambda facts, path: _first_match(checks, facts, path)
+    rest = tuple((index, checks[index]) for index in others)
+    candidates = {
+        principal: tuple((index, checks[index]) for index in sorted({*indexes, *others}))
+        for principal, indexes in by_principal.items()
+    }
+
+    def first_match(facts: RequestFacts, path: str) -> int:
+        principal = facts.source_principal
+        for index, check in rest if principal is None else candidates.get(principal, rest):
+            if check(facts, path):
+                return index
+        return -1
+
+    return first_match
 
 
 def _compile(policy: AuthorizationPolicy) -> _Compiled:
-    rules = tuple(rule._compiled for rule in policy.rules)
+    rules = policy.rules
     allowed = policy.action != "DENY"
     verb = "allowed" if allowed else "denied"
     decisions = tuple(
@@ -1141,7 +1192,7 @@ def _compile(policy: AuthorizationPolicy) -> _Compiled:
         )
         for index in range(len(rules))
     )
-    return policy.name, rules, decisions
+    return policy.name, _first_match_of(rules), decisions
 
 
 def _path_never_matches(pattern: str, normalization: PathNormalization) -> str | None:
@@ -1238,8 +1289,8 @@ class Authorizer:
         self._audit = tuple(_compile(p) for p in enforced if p.action == "AUDIT" and p.rules)
         self._has_allow = any(p.action == "ALLOW" for p in enforced)
         dry = [p for p in given if p.dry_run]
-        self._dry: tuple[tuple[str, str, tuple[_Check, ...]], ...] = tuple(
-            (p.action, p.name, tuple(rule._compiled for rule in p.rules)) for p in dry
+        self._dry: tuple[tuple[str, str, _FirstMatch], ...] = tuple(
+            (p.action, p.name, _first_match_of(p.rules)) for p in dry
         )
         self._has_dry_allow = any(p.action == "ALLOW" for p in dry)
         self._extras = bool(self._dry or self._audit)
@@ -1292,8 +1343,8 @@ class Authorizer:
                 allowed=False, status=400, code=INVALID_PATH, reason=f"invalid path: {exc}"
             )
         decision = None
-        for _, rules, decisions in self._deny:
-            index = _first_match(rules, facts, path)
+        for _, first_match, decisions in self._deny:
+            index = first_match(facts, path)
             if index >= 0:
                 decision = decisions[index]
                 break
@@ -1302,8 +1353,8 @@ class Authorizer:
                 decision = self._no_allow
             else:
                 decision = self._no_allow_match
-                for _, rules, decisions in self._allow:
-                    index = _first_match(rules, facts, path)
+                for _, first_match, decisions in self._allow:
+                    index = first_match(facts, path)
                     if index >= 0:
                         decision = decisions[index]
                         break
@@ -1320,8 +1371,8 @@ class Authorizer:
     ) -> AuthzDecision:
         dry_run: list[DryRunMatch] = []
         dry_deny = dry_allow = False
-        for dry_action, name, rules in self._dry:
-            index = _first_match(rules, facts, path)
+        for dry_action, name, first_match in self._dry:
+            index = first_match(facts, path)
             if index >= 0:
                 dry_run.append(DryRunMatch(name, dry_action == "ALLOW", index))
                 if dry_action == "DENY":
@@ -1337,7 +1388,7 @@ class Authorizer:
             else:
                 dry_run_allowed = decision.code == ALLOWED_BY_POLICY or dry_allow
         audited = tuple(
-            name for name, rules, _ in self._audit if _first_match(rules, facts, path) >= 0
+            name for name, first_match, _ in self._audit if first_match(facts, path) >= 0
         )
         return _decision(decision, rewritten, tuple(dry_run), dry_run_allowed, audited)
 

@@ -325,6 +325,10 @@ def _health_of(app: Any) -> Any:
         health = getattr(app, "health", None)
         if health is not None and hasattr(health, "mark_draining"):
             return health
+        # A Flask app with the meshware extension keeps its state in app.extensions.
+        extension = (getattr(app, "extensions", None) or {}).get("meshware")
+        if extension is not None and getattr(extension, "health", None) is not None:
+            return extension.health
         app = getattr(app, "app", None)
     return None
 
@@ -372,7 +376,7 @@ def _serve_wsgi(app: Any, tls: ReloadingServerTLS | None, options: ServeOptions)
         "accesslog": None,
         "graceful_timeout": 10,
     }
-    health = getattr(app, "health", None)
+    health = _health_of(app)
     if health is not None:
         from meshware.inbound.wsgi.health import gunicorn_hooks
 

@@ -1,0 +1,1 @@
+"""The Django example service, ``inventory`` (see ``docs/django.md``)."""

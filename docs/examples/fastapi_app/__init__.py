@@ -1,0 +1,1 @@
+"""The FastAPI example service, ``orders`` (see ``docs/fastapi.md``)."""

@@ -1,0 +1,1 @@
+"""The Flask example service, ``payments`` (see ``docs/flask.md``)."""

@@ -1,0 +1,1 @@
+"""A small Django project for the plugin tests: function, class-based, sync and async views."""
