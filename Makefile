@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml
 system-deps:
 	@bash scripts/system-deps.sh
 
+# The sample shop mesh: ARGS="--duration 60 --keep-running" to look at the dashboard longer.
 demo: $(STAMP)
-	$(BIN)/python -m sample_services.mini_mesh
+	$(BIN)/python -m sample_services.shop $(ARGS)
+
+# Stops every process `make demo ARGS=--keep-running` left (the pid file in .meshware/shop/).
+demo-stop:
+	$(BIN)/python -m sample_services.shop stop
 
 test: $(STAMP) system-deps lint typecheck unit docs wheel-check
 

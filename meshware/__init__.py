@@ -25,6 +25,7 @@ from meshware.exceptions import (
 )
 
 if TYPE_CHECKING:
+    from meshware.config import MeshConfig, load_config
     from meshware.identity.bundle import PeerVerifier, TrustBundles
     from meshware.identity.ca import LocalCA
     from meshware.identity.identity import Identity
@@ -69,6 +70,8 @@ _LAZY = {
     "InboundConfig": "meshware.inbound.stack",
     "JwtRule": "meshware.policy.jwt",
     "LocalCA": "meshware.identity.ca",
+    "MeshConfig": "meshware.config",
+    "load_config": "meshware.config",
     "MeshMetrics": "meshware.telemetry.metrics",
     "NoHealthyEndpoint": "meshware.outbound.errors",
     "OutboundConfig": "meshware.outbound.client",
@@ -108,6 +111,7 @@ __all__ = [
     "InvalidXfcc",
     "JwtRule",
     "LocalCA",
+    "MeshConfig",
     "MeshMetrics",
     "MeshwareError",
     "NoHealthyEndpoint",
@@ -128,6 +132,7 @@ __all__ = [
     "authorize",
     "build_asgi_stack",
     "build_wsgi_stack",
+    "load_config",
     "mesh_client",
     "mesh_sync_client",
     "rate_limit",

@@ -4,7 +4,8 @@
 
     MeshwareError
     ├── ConfigurationError              a bad setting, policy, file or argument (operator's mistake)
-    │   └── InvalidSpiffeId             a SPIFFE id that breaks a rule of the SPIFFE-ID spec
+    │   ├── InvalidSpiffeId             a SPIFFE id that breaks a rule of the SPIFFE-ID spec
+    │   └── MeshConfigError             every problem found in mesh configuration files (meshware.config)
     ├── IdentityError                   a peer identity could not be established
     │   ├── CertificateRejected         a peer certificate failed verification
     │   ├── InvalidXfcc                 a malformed x-forwarded-client-cert header

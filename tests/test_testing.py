@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import tomllib
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -745,11 +744,10 @@ async def test_a_sync_only_inner_transport_cannot_serve_async_clients() -> None:
 
 
 def test_the_plugin_is_registered_as_an_entry_point() -> None:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = (ROOT / "pyproject.toml").read_text()
+    section = project.split("[project.entry-points.pytest11]\n", 1)[1].split("\n\n", 1)[0]
 
-    assert project["project"]["entry-points"]["pytest11"] == {
-        "meshware.pytest_plugin": "meshware.pytest_plugin"
-    }
+    assert section == '"meshware.pytest_plugin" = "meshware.pytest_plugin"'
 
 
 def test_the_plugin_fixtures_in_a_pytest_run(tmp_path: Path) -> None:
@@ -822,3 +820,25 @@ def test_the_entry_point_loads_the_plugin_once(tmp_path: Path, extra: list[str])
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 passed" in done.stdout
+
+
+def test_the_full_example_of_the_testing_page_passes(tmp_path: Path) -> None:
+    page = (ROOT / "docs" / "testing-policies.md").read_text()
+    example = page.split("## A full example", 1)[1].split("```python\n", 1)[1].split("```")[0]
+    (tmp_path / "test_payments.py").write_text(example)
+
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "-p", "meshware.pytest_plugin"),
+            *["-p", "no:cacheprovider", "-o", "asyncio_mode=auto"],
+            *["-o", "asyncio_default_fixture_loop_scope=function", "-W", "error", "-q"],
+            "test_payments.py",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "8 passed" in done.stdout

@@ -27,11 +27,11 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
-from meshware.config.errors import ConfigProblem
+from meshware.config.errors import ConfigProblem, Severity
 from meshware.exceptions import ConfigurationError
-from meshware.outbound.destination import DestinationRule
+from meshware.outbound.destination import DestinationRule, TrafficPolicy
 from meshware.outbound.discovery import StaticRegistry
 from meshware.outbound.routing import HttpRoute, VirtualService
 from meshware.policy.authz import AuthorizationPolicy, Authorizer
@@ -286,7 +286,7 @@ class DocumentContext:
         self.warnings: list[ConfigProblem] = []
 
     def _problem(
-        self, message: str, field: str | None, value: object, severity: str
+        self, message: str, field: str | None, value: object, severity: Severity
     ) -> ConfigProblem:
         full = self.prefix + field if field else (self.prefix[:-1] or None)
         return ConfigProblem(
@@ -297,7 +297,7 @@ class DocumentContext:
             line=self.locate(full or ""),
             field=full,
             value=value,
-            severity="warning" if severity == "warning" else "error",
+            severity=severity,
         )
 
     def error(self, message: str, field: str | None = None, value: object = None) -> None:
@@ -712,16 +712,32 @@ def _virtual_service(
         return None
 
 
+def _traffic_policy(ctx: DocumentContext, value: object, at: str) -> None:
+    # One block at a time (loadBalancer, connectionPool, ...), so each reports its error.
+    if not isinstance(value, Mapping) or len(value) < 2:
+        blocks: list[object] = [value]
+    else:
+        blocks = [{key: item} for key, item in value.items()]
+    for block in blocks:
+        try:
+            # from_mapping checks that the block is a mapping, and says so when it is not.
+            TrafficPolicy.from_mapping(cast("Mapping[str, Any]", block), path=at)
+        except ConfigurationError as exc:
+            ctx.capture(exc)
+
+
 def _destination_rule(
     ctx: DocumentContext, spec: Mapping[str, Any], meta: _Meta
 ) -> DestinationRule | None:
     before = ctx.failed
-    head_spec = {k: v for k, v in spec.items() if k != "subsets"}
+    head_spec = {k: v for k, v in spec.items() if k not in ("subsets", "trafficPolicy")}
     host = "placeholder"
     try:
         host = DestinationRule.from_mapping(head_spec, path="spec").host
     except ConfigurationError as exc:
         ctx.capture(exc)
+    if spec.get("trafficPolicy") is not None:
+        _traffic_policy(ctx, spec["trafficPolicy"], "spec.trafficPolicy")
     subsets = spec.get("subsets")
     if subsets is not None:
         if isinstance(subsets, (str, bytes)) or not isinstance(subsets, list):
@@ -730,10 +746,15 @@ def _destination_rule(
             )
         else:
             for index, subset in enumerate(subsets):
+                at = f"spec.subsets[{index}]"
+                policy = subset.get("trafficPolicy") if isinstance(subset, Mapping) else None
+                if policy is not None:
+                    subset = {k: v for k, v in subset.items() if k != "trafficPolicy"}
+                    _traffic_policy(ctx, policy, f"{at}.trafficPolicy")
                 try:
                     DestinationRule.from_mapping({"host": host, "subsets": [subset]}, path="spec")
                 except ConfigurationError as exc:
-                    ctx.capture(_reindex(exc, "spec.subsets[0]", f"spec.subsets[{index}]"))
+                    ctx.capture(_reindex(exc, "spec.subsets[0]", at))
     if ctx.failed > before:
         return None
     try:

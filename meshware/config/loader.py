@@ -82,12 +82,15 @@ class SourceFile:
         mtime_ns: its modification time when read, ``None`` for text.
         size: its size in bytes.
         sha256: the SHA-256 of its content, hex.
+        absolute: its absolute path (so that a later change of directory does not matter),
+            ``None`` for text.
     """
 
     path: str
     mtime_ns: int | None
     size: int
     sha256: str
+    absolute: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,10 +110,10 @@ class ConfigSource:
         """Whether a file's modification time or size differs from when it was read, or
         the file is gone (text never changes). A cheap ``stat`` per file, for reloaders."""
         for item in self.files:
-            if item.mtime_ns is None:
+            if item.mtime_ns is None or item.absolute is None:
                 continue
             try:
-                st = os.stat(item.path)
+                st = os.stat(item.absolute)
             except OSError:
                 return True
             if (st.st_mtime_ns, st.st_size) != (item.mtime_ns, item.size):
@@ -259,7 +262,15 @@ def _inputs(sources: Any, text: str | None, name: str) -> list[_Input]:
         return found
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
+    if not isinstance(sources, Iterable):
+        raise ConfigurationError(
+            "expected a file, a directory or a list of them", field="sources", value=sources
+        )
     for given in sources:
+        if not isinstance(given, (str, os.PathLike)):
+            raise ConfigurationError(
+                "expected a file or directory path", field="sources", value=given
+            )
         path = Path(given)
         display = os.fspath(given)
         if path.is_dir():
@@ -278,8 +289,9 @@ def _inputs(sources: Any, text: str | None, name: str) -> list[_Input]:
 
 def _read(path: Path, display: str) -> _Input:
     try:
-        data = path.read_bytes()
+        # stat before reading: a change in between shows as changed() later, never as missed.
         st = path.stat()
+        data = path.read_bytes()
     except OSError as exc:
         reason = exc.strerror or str(exc)
         return _Input(
@@ -290,6 +302,7 @@ def _read(path: Path, display: str) -> _Input:
         mtime_ns=st.st_mtime_ns,
         size=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
+        absolute=str(path.resolve()),
     )
     return _Input(display, data, path.resolve().parent, source)
 
@@ -728,7 +741,7 @@ def _tuple_of(value: object, kind: type[Any], name: str) -> tuple[Any, ...]:
     for index, item in enumerate(items):
         if not isinstance(item, kind):
             raise ConfigurationError(
-                f"expected a {kind.__name__}, got {_type_name(item)}",
+                f"expected {kind.__name__}, got {_type_name(item)}",
                 field=f"{name}[{index}]",
                 value=item,
             )
@@ -763,6 +776,8 @@ class MeshConfig:
             mesh's), or ``None``.
         source: the files read.
         warnings: what was ignored along the way (each one was logged).
+        scope_warnings: what looks like a mistake in this view: a resource that selects
+            :attr:`service` but is in another namespace, so it does not apply (logged too).
 
     Raises:
         ConfigurationError: a field has the wrong type.
@@ -781,6 +796,7 @@ class MeshConfig:
     rate_limit: RateLimitPolicy | None = None
     source: ConfigSource = field(default_factory=ConfigSource)
     warnings: tuple[ConfigProblem, ...] = ()
+    scope_warnings: tuple[ConfigProblem, ...] = ()
 
     def __post_init__(self) -> None:
         if self.service is not None and (not isinstance(self.service, str) or not self.service):
@@ -794,6 +810,7 @@ class MeshConfig:
             ("jwt_rules", JwtRule),
             ("destination_rules", DestinationRule),
             ("warnings", ConfigProblem),
+            ("scope_warnings", ConfigProblem),
         ):
             object.__setattr__(self, name, _tuple_of(getattr(self, name), kind, name))
         for name, kinds, what in (
@@ -955,6 +972,36 @@ def _winner(
     return ordered
 
 
+def _scope_warnings(
+    resources: Sequence[LoadedResource], service: str | None, namespace: str, root: str
+) -> tuple[ConfigProblem, ...]:
+    # A policy written for this service in another namespace is most likely a namespace
+    # left out of load_config: without a warning the service would run without it.
+    found: list[ConfigProblem] = []
+    for r in resources:
+        apps = r.target.apps if r.target is not None else None
+        if service is None or apps is None or service not in apps:
+            continue
+        if r.namespace in (namespace, root):
+            continue
+        found.append(
+            ConfigProblem(
+                message=f"selects service {service}, but is in namespace {r.namespace} and the "
+                f"service in {namespace}, so it does not apply (is the namespace right?)",
+                file=r.file,
+                document=r.document,
+                resource=f"{r.kind} {r.name}",
+                line=r.line,
+                field=f"{r.field_prefix}metadata.namespace",
+                value=r.namespace,
+                severity="warning",
+            )
+        )
+    for problem in found:
+        logger.warning("%s", problem)
+    return tuple(found)
+
+
 def _assemble(
     resources: Sequence[LoadedResource],
     *,
@@ -1019,6 +1066,7 @@ def _assemble(
         rate_limit=rate_limit,
         source=source,
         warnings=tuple(warnings),
+        scope_warnings=_scope_warnings(resources, service, namespace, root_namespace),
     )
 
 

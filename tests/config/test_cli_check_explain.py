@@ -416,3 +416,29 @@ def test_explain_refuses_broken_policy_files(
         "unsupported action CUSTOM: external authorization is not supported; expected one of "
         "ALLOW, DENY, AUDIT (value: 'CUSTOM')\n"
     )
+
+
+def test_the_migration_page_example_prints_what_the_page_says(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    page = (Path(__file__).resolve().parents[2] / "docs" / "migrating-from-istio.md").read_text()
+    code = page.split("## A runnable example", 1)[1].split("```python\n", 1)[1].split("```")[0]
+    printed = page.split("It prints:\n\n```text\n", 1)[1].split("```", 1)[0]
+
+    exec(compile(code, "migrating-from-istio.md", "exec"), {})
+
+    assert capsys.readouterr().out == printed
+
+
+def test_the_migration_page_shows_real_check_output(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = (Path(__file__).resolve().parents[2] / "docs" / "migrating-from-istio.md").read_text()
+    manifest = page.split("```yaml\n", 1)[1].split("```", 1)[0]
+    printed = page.split("exits with 1:\n\n```text\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "mesh.yaml").write_text(manifest)
+    monkeypatch.chdir(tmp_path)
+
+    code, out, _ = run(capsys, "check", "mesh.yaml", "--namespace", "shop")
+
+    assert (code, out) == (1, printed)

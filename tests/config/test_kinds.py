@@ -663,6 +663,38 @@ def test_every_broken_subset_is_reported() -> None:
     ]
 
 
+def test_every_broken_traffic_policy_block_is_reported() -> None:
+    report = check(
+        """\
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: a}
+        spec:
+          host: a
+          trafficPolicy:
+            outlierDetection: {consecutiveErrors: 5}
+            loadBalancer: {simple: PASSTHROUGH}
+          subsets:
+          - name: v1
+            labels: {version: v1}
+            trafficPolicy:
+              tls: {mode: MUTUAL, caCertificates: /etc/ca.pem}
+              connectionPool: {tcp: {tcpKeepalive: {}}}
+          - name: v2
+            trafficPolicy: []
+        """
+    )
+
+    assert [(p.line, p.field) for p in report.errors] == [
+        (7, "spec.trafficPolicy.outlierDetection.consecutiveErrors"),
+        (8, "spec.trafficPolicy.loadBalancer.simple"),
+        (13, "spec.subsets[0].trafficPolicy.tls.caCertificates"),
+        (14, "spec.subsets[0].trafficPolicy.connectionPool.tcp.tcpKeepalive"),
+        (16, "spec.subsets[1].trafficPolicy"),
+    ]
+    assert report.errors[-1].message == "expected a mapping, got list"
+
+
 # -- ServiceRegistry ---------------------------------------------------------------------------
 
 

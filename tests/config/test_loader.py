@@ -230,6 +230,11 @@ def test_a_kubectl_list_counts_each_item() -> None:
 def test_check_config_needs_something_to_read() -> None:
     with pytest.raises(ConfigurationError, match="give files"):
         check_config()
+    with pytest.raises(ConfigurationError) as caught:
+        check_config([Path("a.yaml"), 3])  # type: ignore[list-item]
+    assert str(caught.value) == "sources: expected a file or directory path"
+    with pytest.raises(ConfigurationError, match="sources: expected a file, a directory"):
+        check_config(3)  # type: ignore[arg-type]
 
 
 # -- problems between documents ----------------------------------------------------------------
@@ -566,7 +571,9 @@ def test_the_source_tells_whether_files_changed(tmp_path: Path) -> None:
     second = load_config(path).source
 
     assert first.digest == second.digest
-    assert [(f.path, f.size) for f in first.files] == [(str(path), len(ap("a")))]
+    assert [(f.path, f.size, f.absolute) for f in first.files] == [
+        (str(path), len(ap("a")), str(path.resolve()))
+    ]
     assert first.changed() is False
 
     path.write_text(ap("b") + "# longer\n")
@@ -580,7 +587,7 @@ def test_the_source_tells_whether_files_changed(tmp_path: Path) -> None:
 def test_meshconfig_validates_its_fields() -> None:
     with pytest.raises(ConfigurationError) as caught:
         MeshConfig(policies=["not a policy"])  # type: ignore[list-item]
-    assert str(caught.value) == "policies[0]: expected a AuthorizationPolicy, got str"
+    assert str(caught.value) == "policies[0]: expected AuthorizationPolicy, got str"
     with pytest.raises(ConfigurationError, match="mtls_mode: expected an MtlsMode, got str"):
         MeshConfig(mtls_mode="STRICT")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="namespace: expected a namespace name"):
@@ -720,3 +727,39 @@ def test_a_shared_alias_is_checked_once() -> None:
 
     duplicates = [p.field for p in report.errors if p.message.startswith("duplicate key")]
     assert duplicates == ["a[1].b"]
+
+
+def test_the_configuration_page_example_prints_what_the_page_says(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    page = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    code = page.split("```python\n", 1)[1].split("```", 1)[0]
+    printed = page.split("It prints:\n\n```text\n", 1)[1].split("```", 1)[0]
+
+    exec(compile(code, "configuration.md", "exec"), {})
+
+    assert capsys.readouterr().out == printed
+
+
+def test_a_policy_for_the_service_in_another_namespace_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    text = join(ap("orders-only", namespace="shop", app="orders"), ap("mine", app="orders"))
+
+    with caplog.at_level(logging.WARNING, logger="meshware.config"):
+        config = load_config(text=text, service="orders", name="m.yaml")
+
+    expected = (
+        "m.yaml: document 1 (AuthorizationPolicy orders-only), line 1: metadata.namespace: "
+        "selects service orders, but is in namespace shop and the service in default, so it "
+        "does not apply (is the namespace right?) (value: 'shop')"
+    )
+    assert [p.name for p in config.policies] == ["mine"]
+    assert [str(w) for w in config.scope_warnings] == [expected]
+    assert [r.getMessage() for r in caplog.records] == [expected]
+    assert config.warnings == ()
+    shop = config.for_service("orders", namespace="shop")
+    assert [(w.resource, w.value) for w in shop.scope_warnings] == [
+        ("AuthorizationPolicy mine", "default")
+    ]
+    assert config.for_service("cart").scope_warnings == ()

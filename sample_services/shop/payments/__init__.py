@@ -1,0 +1,1 @@
+"""``payments``: charges cards (Django), deduplicated by ``Idempotency-Key``, in SQLite."""
