@@ -178,7 +178,7 @@ orient="auto-start-reverse"><path d="M0,0L10,5L0,10z" fill="#94a3b8"/></marker><
 <th>p50</th><th>p99</th><th>403</th><th>429</th></tr></thead><tbody></tbody></table></section>
 </main>
 <script>
-const POS = {frontend:[90,280], orders:[360,280], users:[680,70], catalog:[680,210],
+const POS = {frontend:[100,120], orders:[330,330], users:[680,70], catalog:[680,210],
   shipping:[680,350], payments:[680,490]};
 const COLORS = {healthy:"#22c55e", degraded:"#f59e0b", failing:"#ef4444", idle:"#64748b",
   down:"#ef4444"};
@@ -189,8 +189,8 @@ function el(name, attrs, text) {
   if (text !== undefined) e.textContent = text;
   return e;
 }
-function pct(v) { return v === null ? "–" : (100 * v).toFixed(1) + "%"; }
-function ms(v) { return v === null ? "–" : v.toFixed(1) + " ms"; }
+function pct(v) { return v === null ? "-" : (100 * v).toFixed(1) + "%"; }
+function ms(v) { return v === null ? "-" : v.toFixed(1) + " ms"; }
 function position(id, i) { return POS[id] || [360, 80 + 60 * i]; }
 function render(g) {
   const edges = document.getElementById("edges"), nodes = document.getElementById("nodes");
@@ -202,8 +202,11 @@ function render(g) {
       "data-requests": e.requests});
     group.appendChild(el("path", {d: `M${sx},${y1} C${mx},${y1} ${mx},${y2} ${tx},${y2}`,
       stroke: COLORS[e.health], "marker-end": "url(#arrow)"}));
-    const label = `${e.rps.toFixed(1)} rps · ${pct(e.requests ? 1 - (e.errors + e.denied) / e.requests : null)} ok · p99 ${ms(e.p99_ms)}`;
-    group.appendChild(el("text", {x: mx - 70, y: (y1 + y2) / 2 - 6}, label));
+    const label = `${e.requests} req · ${pct(e.requests ? 1 - (e.errors + e.denied) / e.requests : null)} ok`;
+    const t = 0.55, u = 1 - t;  // a point on the curve, past where edges fan out
+    const lx = u*u*u*sx + 3*u*u*t*mx + 3*u*t*t*mx + t*t*t*tx;
+    const ly = u*u*u*y1 + 3*u*u*t*y1 + 3*u*t*t*y2 + t*t*t*y2;
+    group.appendChild(el("text", {x: lx - 60, y: ly - 6}, label));
     edges.appendChild(group);
   });
   const all = [{id: "frontend", health: "idle", requests: 0, rps: 0, framework: "edge client",

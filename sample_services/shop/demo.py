@@ -38,7 +38,6 @@ from meshware.telemetry.metrics import MeshMetrics
 from sample_services.shop import observe
 from sample_services.shop.mesh import ADMIN_ISSUER, MESH_FILE, NAMESPACE
 from sample_services.shop.processes import (
-    ROOT,
     RUN_DIR,
     Instance,
     serve_command,
@@ -481,7 +480,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"local CA for {ca.trust_domain}, certificates for {', '.join(IDENTITIES)}")
     jwks, token = admin_key(run_dir)
     instances = plan_instances()
-    state = {"instances": [i.as_dict() for i in instances], "cert_dir": str(cert_dir)}
+    state: dict[str, Any] = {
+        "instances": [i.as_dict() for i in instances],
+        "cert_dir": str(cert_dir),
+    }
     (run_dir / "state.json").write_text(json.dumps(state, indent=2))
     duration = 10.0 if args.quick else args.duration
     with stopping(run_dir, args.keep_running):

@@ -176,6 +176,7 @@ NAME_RULE = "expected 1-253 characters from A-Z a-z 0-9 . _ -"
         ({"timeout": True}, "timeout", "timeout: expected a positive, finite number of seconds"),
         ({"timeout": "5"}, "timeout", "timeout: expected a positive, finite number of seconds"),
         ({"destinations": "payments"}, "destinations", "destinations: expected a list of DestinationRule"),
+        ({"limits": 100}, "limits", "limits: expected an httpx.Limits or None"),
     ],
 )  # fmt: skip
 def test_config_validation(overrides: dict[str, Any], field: str, message: str) -> None:
@@ -183,6 +184,17 @@ def test_config_validation(overrides: dict[str, Any], field: str, message: str) 
         OutboundConfig(**{"service": "orders", **overrides})
     assert info.value.field == field
     assert str(info.value) == message
+
+
+async def test_connection_limits_reach_the_pools() -> None:
+    limits = httpx.Limits(max_connections=7, max_keepalive_connections=7)
+    async with mesh_client(orders(limits=limits)) as client:
+        connection = client._transport
+        while hasattr(connection, "_transport") or hasattr(connection, "_inner"):
+            connection = getattr(connection, "_transport", None) or connection._inner
+        passthrough = connection._passthrough  # the pool of plaintext and non-mesh calls
+        assert passthrough._pool._max_connections == 7
+        assert passthrough._pool._max_keepalive_connections == 7
 
 
 def test_config_keeps_destinations_as_a_tuple() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -47,9 +48,16 @@ def running_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
     log = (work / "demo.log").open("wb")
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "sample_services.shop", "--quick", "--keep-running",
-            "--summary-json", str(summary), "--run-dir", str(work / "run"),
-        ],  # fmt: skip
+            sys.executable,
+            "-m",
+            "sample_services.shop",
+            "--quick",
+            "--keep-running",
+            "--summary-json",
+            str(summary),
+            "--run-dir",
+            str(work / "run"),
+        ],
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -105,7 +113,7 @@ def test_the_api_reports_every_service_and_edge(running_demo: dict[str, Any]) ->
 
 def test_the_page_draws_the_graph_in_chromium(running_demo: dict[str, Any]) -> None:
     url = running_demo["dashboard"]
-    dom = chromium("--virtual-time-budget=8000", "--dump-dom", url)
+    dom = html.unescape(chromium("--virtual-time-budget=8000", "--dump-dom", url))
     services = set(re.findall(r'data-service="([a-z-]+)"', dom))
     assert services == {*SERVICES, "frontend"}
     edges = set(re.findall(r'data-edge="([a-z-]+->[a-z-]+)"', dom))

@@ -26,9 +26,15 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str,
     summary = work / "summary.json"
     result = subprocess.run(
         [
-            sys.executable, "-m", "sample_services.shop", "--quick",
-            "--summary-json", str(summary), "--run-dir", str(work / "run"),
-        ],  # fmt: skip
+            sys.executable,
+            "-m",
+            "sample_services.shop",
+            "--quick",
+            "--summary-json",
+            str(summary),
+            "--run-dir",
+            str(work / "run"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

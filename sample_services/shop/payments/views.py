@@ -34,9 +34,7 @@ _db.commit()
 
 
 def _row(key: str) -> dict[str, Any] | None:
-    found = _db.execute(
-        "SELECT charge, user, amount FROM charges WHERE key = ?", (key,)
-    ).fetchone()
+    found = _db.execute("SELECT charge, user, amount FROM charges WHERE key = ?", (key,)).fetchone()
     if found is None:
         return None
     return {"charge": found[0], "user": found[1], "amount": found[2], "key": key}

@@ -8,6 +8,6 @@ import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sample_services.shop.payments.settings")
 
-from meshware_django.wsgi import get_wsgi_application  # noqa: E402
+from meshware_django.wsgi import get_wsgi_application
 
 application = get_wsgi_application()
