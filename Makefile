@@ -43,6 +43,12 @@ docs: $(STAMP)
 # Every benchmark, then docs/benchmarks.md and docs/img/ rewritten from that run (on a quiet
 # machine: the figures are only as good as the machine is idle). bench-quick: a smoke run of the
 # same harness in under a minute that writes nothing.
+# The long reliability scenarios (faults, load, rotation, drain, Redis outage); --write puts
+# their figures in docs/reliability.md. The fast reliability suites run in `make unit`.
+.PHONY: soak
+soak: $(STAMP) system-deps
+	$(BIN)/python -m tests.reliability.soak --write
+
 .PHONY: bench bench-quick
 bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.run_all

@@ -2,6 +2,7 @@
 every feature configured, side by side in one run.
 
     python -m bench.outbound_client [--requests 3000] [--rounds 5] [--no-mtls] [--write]
+    python -m bench.outbound_client --profile [--requests 3000]
 
 One uvicorn server (httptools, one process, no access log) pinned to core 0 serves a tiny raw
 ASGI app; this process, the client, pins itself to core 1. Each measurement sends
@@ -27,7 +28,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
+import importlib.util
 import os
+import pstats
 import ssl
 import statistics
 import sys
@@ -196,6 +200,20 @@ async def compare(
     return series
 
 
+async def profile(port: int, requests: int) -> None:
+    """Print where the mesh client's time goes: a cProfile of ``requests`` calls."""
+    client, url = mesh(port, None)
+    try:
+        await run(client, url, max(200, requests // 5), 20)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        await run(client, url, requests, 20)
+        profiler.disable()
+    finally:
+        await client.aclose()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+
+
 def table(series: dict[str, Series]) -> list[str]:
     plain, meshed = series["plain httpx"], series["mesh_client"]
     lines = [
@@ -204,7 +222,8 @@ def table(series: dict[str, Series]) -> list[str]:
     ]
     for concurrency in CONCURRENCY:
         (plo, phi), (mlo, mhi) = plain.spread(concurrency), meshed.spread(concurrency)
-        ratios = [m / p for p, m in zip(plain.runs[concurrency], meshed.runs[concurrency])]
+        runs = zip(plain.runs[concurrency], meshed.runs[concurrency], strict=True)
+        ratios = [m / p for p, m in runs]
         lines.append(
             f"| {concurrency} | {plain.median(concurrency):.0f} [{plo:.0f}-{phi:.0f}] | "
             f"{meshed.median(concurrency):.0f} [{mlo:.0f}-{mhi:.0f}] | "
@@ -243,6 +262,16 @@ def client_tls(cert_dir: Path) -> ssl.SSLContext:
     return context
 
 
+def without_sniffio_lookups() -> None:
+    """httpcore looks for sniffio before it takes each of its locks (four times a call); when
+    sniffio is not installed (anyio 4 no longer needs it), each failed import searches
+    ``sys.path`` again, for a good part of a millisecond a call, in both clients alike. A
+    ``None`` entry in ``sys.modules`` fails the import at once, which is what an installed
+    sniffio amounts to under asyncio."""
+    if importlib.util.find_spec("sniffio") is None:
+        sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
+
+
 def pin_to_core_1() -> None:
     if (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {1})
@@ -254,8 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-mtls", action="store_true", help="skip the mTLS table")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead, profile the mesh client (plaintext, concurrency 20) with cProfile",
+    )
     args = parser.parse_args(argv)
     pin_to_core_1()
+    without_sniffio_lookups()
+    if args.profile:
+        with upstream(None) as port:
+            asyncio.run(profile(port, args.requests))
+        return 0
 
     results: dict[str, dict[str, Series]] = {}
     with upstream(None) as port:

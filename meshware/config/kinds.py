@@ -616,7 +616,7 @@ def _peer_authentication(
         return None
     _check_keys(ctx, mtls, "spec.mtls", ("mode",))
     mode = mtls.get("mode", "UNSET")
-    if mode not in _MTLS_MODES:
+    if not isinstance(mode, str) or mode not in _MTLS_MODES:
         ctx.error("expected one of STRICT, PERMISSIVE, DISABLE, UNSET", "spec.mtls.mode", mode)
         return None
     return PeerMtls(_MTLS_MODES[mode])

@@ -14,7 +14,9 @@ and then, as Envoy's fault filter and router do:
 1. waits out an injected delay (which counts against the call's deadline),
 2. answers an injected abort itself, without calling the layers below,
 3. bounds the call by its deadline (httpx timeouts and ``x-meshware-timeout``, through
-   :func:`~meshware.outbound.transports.prepare_attempt`),
+   :func:`~meshware.outbound.transports.prepare_attempt`) — unless the next layer is a
+   meshware layer below which each attempt is bounded anyway (the retry layer of the full
+   stack), so that this is done once per attempt,
 4. sends a copy of the call to the route's mirror, fire-and-forget,
 5. passes the call to the next layer.
 

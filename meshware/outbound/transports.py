@@ -532,16 +532,25 @@ OnClose = Callable[[int, "BaseException | None"], None]
 class ObservedStream(httpx.SyncByteStream):
     """A response stream that counts its bytes and calls ``on_close(bytes, error)`` once,
     when it is closed (or at once, via :func:`observe_response`, for a response that is
-    already read)."""
+    already read).
 
-    __slots__ = ("_closed", "_error", "_inner", "_on_close", "count")
+    Several layers may observe one response: :func:`observe_response` adds their callbacks
+    to the one wrapper (:meth:`also`), called in the order they were added, instead of
+    wrapping the stream once per layer.
+    """
+
+    __slots__ = ("_callbacks", "_closed", "_error", "_inner", "count")
 
     def __init__(self, inner: httpx.SyncByteStream, on_close: OnClose) -> None:
         self._inner = inner
-        self._on_close = on_close
+        self._callbacks = [on_close]
         self._closed = False
         self._error: BaseException | None = None
         self.count = 0
+
+    def also(self, on_close: OnClose) -> None:
+        """Call ``on_close`` too, after the callbacks given before, when the stream closes."""
+        self._callbacks.append(on_close)
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -558,20 +567,24 @@ class ObservedStream(httpx.SyncByteStream):
         finally:
             if not self._closed:
                 self._closed = True
-                self._on_close(self.count, self._error)
+                _run_callbacks(self._callbacks, self.count, self._error)
 
 
 class AsyncObservedStream(httpx.AsyncByteStream):
     """The async twin of :class:`ObservedStream`."""
 
-    __slots__ = ("_closed", "_error", "_inner", "_on_close", "count")
+    __slots__ = ("_callbacks", "_closed", "_error", "_inner", "count")
 
     def __init__(self, inner: httpx.AsyncByteStream, on_close: OnClose) -> None:
         self._inner = inner
-        self._on_close = on_close
+        self._callbacks = [on_close]
         self._closed = False
         self._error: BaseException | None = None
         self.count = 0
+
+    def also(self, on_close: OnClose) -> None:
+        """Call ``on_close`` too, after the callbacks given before, when the stream closes."""
+        self._callbacks.append(on_close)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -588,14 +601,32 @@ class AsyncObservedStream(httpx.AsyncByteStream):
         finally:
             if not self._closed:
                 self._closed = True
-                self._on_close(self.count, self._error)
+                _run_callbacks(self._callbacks, self.count, self._error)
+
+
+def _run_callbacks(callbacks: list[OnClose], count: int, error: BaseException | None) -> None:
+    # Every callback runs, as when each layer wrapped the stream; the first failure is raised.
+    failure: BaseException | None = None
+    for callback in callbacks:
+        try:
+            callback(count, error)
+        except BaseException as exc:
+            if failure is None:
+                failure = exc
+    if failure is not None:
+        raise failure
 
 
 def observe_response(response: httpx.Response, on_close: OnClose) -> None:
     """Arrange for ``on_close(bytes, error)`` to run once when ``response`` is closed: at once
-    when it is already read (a response built from bytes), else by wrapping its stream."""
+    when it is already read (a response built from bytes), else when its stream closes (a
+    stream another layer observes already gets one more callback)."""
     if response.is_closed:
         on_close(len(response.content), None)
+        return
+    stream = response.stream
+    if type(stream) is ObservedStream and not stream._closed:
+        stream.also(on_close)
     else:
         response.stream = ObservedStream(_sync_stream(response), on_close)
 
@@ -604,6 +635,10 @@ def observe_async_response(response: httpx.Response, on_close: OnClose) -> None:
     """The async twin of :func:`observe_response`."""
     if response.is_closed:
         on_close(len(response.content), None)
+        return
+    stream = response.stream
+    if type(stream) is AsyncObservedStream and not stream._closed:
+        stream.also(on_close)
     else:
         response.stream = AsyncObservedStream(_async_stream(response), on_close)
 
