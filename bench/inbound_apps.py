@@ -3,8 +3,10 @@ full meshware inbound stack, and under the usual hand-assembled peer stack."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -31,7 +33,10 @@ bare = _starlette()
 def _bundle() -> str:
     from meshware.identity.ca import LocalCA
 
-    directory = os.environ.get("BENCH_CERT_DIR") or tempfile.mkdtemp(prefix="meshware-bench-")
+    directory = os.environ.get("BENCH_CERT_DIR")
+    if directory is None:
+        directory = tempfile.mkdtemp(prefix="meshware-bench-")
+        atexit.register(shutil.rmtree, directory, True)
     if not os.path.exists(os.path.join(directory, "bundle.pem")):
         LocalCA.init(directory)
     return os.path.join(directory, "bundle.pem")

@@ -151,7 +151,8 @@ def sidecar_plots(results: Mapping[str, Any], directory: Path) -> list[Path]:
                        edgecolor="black", linewidth=0.5)  # fmt: skip
                 bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
         ax.set_xticks(range(len(setups)), [_label(results, s) for s in setups])
-        ax.margins(y=0.12)
+        # Zero-height segments leave sticky edges at the stack tops, which defeat margins.
+        ax.set_ylim(0, max(bottoms) * 1.15 or 1.0)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
         ax.set_title(f"{title}\n{_subtitle(results)}", fontsize=9)

@@ -126,11 +126,22 @@ def render_summary(
     *,
     command: str,
     started: str,
+    load: tuple[float, float] | None = None,
 ) -> str:
-    """The summary section of docs/benchmarks.md for this run."""
+    """The summary section of docs/benchmarks.md for this run (``load``: the machine's
+    one-minute load average at the start and at the end)."""
     lines = [
         f"Last full run: **{started}**, `{command}`. Machine: {machine_summary()}.",
         "",
+    ]
+    if load:
+        lines += [
+            f"Load average (1 minute) of the machine: {load[0]:.2f} at the start, "
+            f"{load[1]:.2f} at the end, on {os.cpu_count()} cores (the benchmarks' own load "
+            "included; anything near or above the core count means other work competed).",
+            "",
+        ]
+    lines += [
         "| benchmark | status | time |",
         "|---|---|---|",
     ]
@@ -150,15 +161,20 @@ def render_summary(
             lines.append(
                 f"- **{sidecar.SETUPS[setup]}**: {row['added_p50_ms'][0]:+.2f} ms p50 and "
                 f"{row['added_p99_ms'][0]:+.2f} ms p99 per call over plain HTTP; "
-                f"{row['max_rps'][0]:.0f} req/s max ({row['max_rps'][0] / summary['plain']['max_rps'][0]:.2f}x plain); "
+                f"{row['max_rps'][0]:.0f} req/s max "
+                f"({row['max_rps'][0] / summary['plain']['max_rps'][0]:.2f}x plain); "
                 f"{row['added_cpu_total']:+.0f} ms CPU per 1000 requests."
             )
         if "latency_met" in targets:
+            ratios = [
+                "none" if targets[f"latency_ratio_{q}"] is None
+                else f"{targets[f'latency_ratio_{q}']:.2f}"
+                for q in ("p50", "p99")
+            ]  # fmt: skip
             lines.append(
                 f"- Target *meshware adds ≤ 0.5 x the HAProxy pair's latency*: "
-                f"{'met' if targets['latency_met'] else '**missed**'} (ratio "
-                f"{targets['latency_ratio_p50']:.2f} at p50, {targets['latency_ratio_p99']:.2f} "
-                "at p99)."
+                f"{'met' if targets['latency_met'] else '**missed**'} (ratio {ratios[0]} at "
+                f"p50, {ratios[1]} at p99)."
             )
         if "memory_met" in targets:
             mem = targets["memory_added_mb"]
@@ -211,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         img_dir = Path(tempfile.mkdtemp(prefix="meshware-bench-img-"))
     errors: list[str] = []
-    print(f"Machine: {machine_summary()}", flush=True)
+    load_start = os.getloadavg()[0]
+    print(f"Machine: {machine_summary()}; load average {load_start:.2f}", flush=True)
 
     runs = []
     for module in SUBPROCESS_BENCHMARKS:
@@ -280,7 +297,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         replace_section(
             DOC,
             "summary",
-            render_summary(runs, results, plots, command=command, started=started_at),
+            render_summary(
+                runs,
+                results,
+                plots,
+                command=command,
+                started=started_at,
+                load=(load_start, os.getloadavg()[0]),
+            ),
         )
     if args.json:
         args.json.write_text(

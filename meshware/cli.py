@@ -78,9 +78,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8443)
     serve.add_argument(
         "--mtls",
-        default="strict",
+        default=None,
         choices=["strict", "permissive", "off", "disable"],
-        help="PeerAuthentication mode (default: strict)",
+        help="PeerAuthentication mode (default: the --config files' mode, else strict)",
+    )
+    serve.add_argument(
+        "--config",
+        dest="config_files",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="mesh configuration file or directory (repeatable): the inbound stack's "
+        "policies, JWT rules, rate limits and mTLS mode; reloaded when it changes",
+    )
+    serve.add_argument(
+        "--reload-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often the --config files are checked for changes (default: 1)",
+    )
+    serve.add_argument(
+        "--admin-port",
+        type=int,
+        help="serve /meshz (the mesh's live state, JSON) in plaintext on 127.0.0.1:PORT",
     )
     serve.add_argument("--interface", default="auto", choices=["auto", "asgi", "wsgi"])
     serve.add_argument("--workers", type=int, default=1, help="gunicorn worker processes")
@@ -251,7 +272,11 @@ def _serve(args: argparse.Namespace) -> int:
         cert_dir=args.dir or default_cert_dir(),
         host=args.host,
         port=args.port,
-        mtls=MtlsMode.parse(args.mtls),
+        mtls=MtlsMode.parse(args.mtls or "strict"),
+        mtls_explicit=args.mtls is not None,
+        config_files=tuple(args.config_files),
+        reload_interval=args.reload_interval,
+        admin_port=args.admin_port,
         interface=args.interface,
         workers=args.workers,
         threads=args.threads,

@@ -205,6 +205,32 @@ def test_quick_run_draws_the_plots_and_leaves_docs_alone(quick: Any) -> None:
     assert hashlib.sha256(doc.read_bytes()).hexdigest() == before
 
 
+@pytest.mark.integration
+def test_quick_run_renders_the_summary_section(quick: Any) -> None:
+    from bench import run_all
+
+    _, results, _, _ = quick
+    runs = [run_all.BenchmarkRun(**run) for run in results["benchmarks"]]
+    data = {**results["sidecar"], "elapsed_s": 30.0}
+    plots = {name: [Path(p) for p in paths] for name, paths in results["plots"].items()}
+    text = run_all.render_summary(
+        runs, data, plots, command="make bench", started="2026-01-01 00:00 UTC", load=(0.5, 2.25)
+    )
+    lines = text.splitlines()
+    assert lines[0].startswith("Last full run: **2026-01-01 00:00 UTC**, `make bench`. Machine: ")
+    assert lines[2].startswith("Load average (1 minute) of the machine: 0.50 at the start, 2.25")
+    assert "| Service to service (sidecar) | ok | 30 s |" in lines
+    mesh = data["summary"]["meshware"]
+    assert any(
+        line.startswith(f"- **meshware on both sides**: {mesh['added_p50_ms'][0]:+.2f} ms p50")
+        for line in lines
+    )
+    for run in runs:
+        if run.status == "ok":
+            image = f"{run.name.replace('_', '-')}.png"
+            assert any(line.startswith("![") and line.endswith(f"{image})") for line in lines)
+
+
 # --- the pieces, without servers ------------------------------------------------------------
 
 
@@ -328,20 +354,18 @@ run (uvicorn/server.py:60);select (/usr/lib/python3.11/selectors.py:468) 20
 def test_profile_summary() -> None:
     summary = sidecar.summarize_profile(RAW_PROFILE)
     assert summary["samples"] == 100
-    assert summary["categories"] == {
-        "TLS (ssl, asyncio sslproto)": 50.0,
-        "meshware": 30.0,
-        "asyncio event loop": 20.0,
-    }
-    assert summary["meshware_inclusive"] == 30.0
-    assert summary["functions"][0] == ["read (ssl.py)", 50.0]
-    assert sidecar.summarize_profile("")["samples"] == 0
+    assert summary["busy"] == 80
+    assert summary["idle"] == 20.0
+    assert summary["categories"] == {"TLS (ssl, asyncio sslproto)": 62.5, "meshware": 37.5}
+    assert summary["functions"] == [["read (ssl.py)", 62.5], ["handle (authz.py)", 37.5]]
+    assert sidecar.summarize_profile("not a profile\n")["samples"] == 0
 
 
 @given(st.text())
 def test_profile_summary_never_fails(raw: str) -> None:
     summary = sidecar.summarize_profile(raw)
-    if summary["samples"]:
+    assert summary["busy"] <= summary["samples"]
+    if summary["busy"]:
         assert sum(summary["categories"].values()) == pytest.approx(100.0)
 
 

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from opentelemetry.propagators.textmap import TextMapPropagator
     from opentelemetry.sdk.trace import TracerProvider
 
+    from meshware.state.base import RateLimitBackend
+
 __all__ = ["LAYERS", "BundleSource", "InboundConfig", "StackParts", "build_parts"]
 
 BundleSource: TypeAlias = "str | os.PathLike[str] | TrustBundles | Callable[[], TrustBundles]"
@@ -333,8 +335,21 @@ def _verifier(bundle: BundleSource, trust_domain: str) -> PeerVerifier:
     return PeerVerifier(bundle)
 
 
-def build_parts(config: InboundConfig) -> StackParts:
+def build_parts(
+    config: InboundConfig,
+    *,
+    rate_limit_backend: RateLimitBackend | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> StackParts:
     """Build the neutral parts of a stack from ``config``.
+
+    Args:
+        config: the inbound configuration.
+        rate_limit_backend: the rate limiter's backend, instead of a new one from
+            ``config.rate_limit.backend`` (a stack rebuilt on a configuration change keeps
+            its buckets this way); the caller keeps ownership and closes it.
+        tracer_provider: the tracer provider to use instead of building one from
+            ``config.tracing`` (only used when ``config.tracing`` is set).
 
     Raises:
         ConfigurationError: ``config`` is not an :class:`InboundConfig`, the bundle file
@@ -357,9 +372,12 @@ def build_parts(config: InboundConfig) -> StackParts:
         parts.authorizer = config.authorizer()
     if "ratelimit" in layers:
         parts.limiter = RateLimiter(
-            config.rate_limit if config.rate_limit is not None else RateLimitPolicy()
+            config.rate_limit if config.rate_limit is not None else RateLimitPolicy(),
+            backend=rate_limit_backend,
         )
     if config.tracing is not None:
-        parts.tracer_provider = configure_tracing(config.tracing)
+        parts.tracer_provider = (
+            configure_tracing(config.tracing) if tracer_provider is None else tracer_provider
+        )
         parts.propagator = build_propagator(config.tracing.propagators)
     return parts

@@ -82,12 +82,21 @@ def mesh_protocol_class(
     *,
     health_port: int | None = None,
     health_app: ASGIApp | None = None,
+    admin_port: int | None = None,
+    admin_app: ASGIApp | None = None,
 ) -> type[asyncio.Protocol]:
     """An HTTP protocol class for ``uvicorn.Config(http=...)`` applying ``mode``.
 
     Connections to ``health_port`` (a second listening socket) are plaintext and served by
     ``health_app``, so kubelet probes, which carry no client certificate, work under STRICT.
+    Connections to ``admin_port`` (a loopback-only listening socket) are plaintext and served
+    by ``admin_app`` (``/meshz``).
     """
+    plaintext_apps: dict[int, ASGIApp] = {}
+    if health_port is not None and health_app is not None:
+        plaintext_apps[health_port] = health_app
+    if admin_port is not None and admin_app is not None:
+        plaintext_apps[admin_port] = admin_app
 
     class MeshHttpProtocol(asyncio.Protocol):
         def __init__(
@@ -105,10 +114,11 @@ def mesh_protocol_class(
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             assert isinstance(transport, asyncio.Transport)
             self._transport = transport
-            if health_port is not None and health_app is not None:
+            if plaintext_apps:
                 sockname = transport.get_extra_info("sockname")
-                if sockname and sockname[1] == health_port:
-                    self._inner.app = health_app
+                local = plaintext_apps.get(sockname[1]) if sockname else None
+                if local is not None:
+                    self._inner.app = local
                     self._plaintext()
                     return
             if mode is MtlsMode.DISABLE or tls is None:

@@ -3,6 +3,11 @@
 Both servers get the service's certificate from the certificate directory, apply the mTLS mode,
 reload rotated certificates for new connections, and wrap the app in ``IdentityMiddleware`` so
 every request carries the caller's verified identity.
+
+With ``--config`` the inbound stack is built from mesh configuration files (authorization
+policies, JWT rules, rate limits, PeerAuthentication mode) and follows their changes without
+a restart (:class:`~meshware.config.reload.ConfigWatcher`). ``--admin-port`` serves ``/meshz``
+(:mod:`meshware.introspection`) in plaintext on a loopback-only listener.
 """
 
 from __future__ import annotations
@@ -19,15 +24,20 @@ import ssl
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from meshware.exceptions import ConfigurationError
 from meshware.identity.bundle import PeerVerifier, TrustBundles
 from meshware.identity.ca import ServicePaths
 from meshware.identity.resolve import IdentityResolver, TrustedProxies
 from meshware.server.tls import MtlsMode, ReloadingServerTLS
+
+if TYPE_CHECKING:
+    from meshware.config.loader import MeshConfig
+    from meshware.config.reload import ConfigWatcher
+    from meshware.introspection import Introspection
 
 logger = logging.getLogger("meshware.server")
 
@@ -57,6 +67,10 @@ class ServeOptions:
     trace_sample: float = 0.01
     otlp_endpoint: str | None = None
     drain_seconds: float = 0.0
+    config_files: tuple[str, ...] = ()
+    mtls_explicit: bool = True
+    admin_port: int | None = None
+    reload_interval: float = 1.0
 
     def __post_init__(self) -> None:
         if ":" not in self.app:
@@ -74,6 +88,20 @@ class ServeOptions:
                 "expected a port 1-65535 other than --port",
                 field="health_port",
                 value=self.health_port,
+            )
+        if self.admin_port is not None and (
+            not 0 < self.admin_port <= 65535 or self.admin_port in (self.port, self.health_port)
+        ):
+            raise ConfigurationError(
+                "expected a port 1-65535 other than --port and --health-port",
+                field="admin_port",
+                value=self.admin_port,
+            )
+        if not 0.05 <= self.reload_interval <= 3600.0:
+            raise ConfigurationError(
+                "expected seconds from 0.05 to 3600",
+                field="reload_interval",
+                value=self.reload_interval,
             )
         if not 0.0 <= self.drain_seconds <= 3600.0:
             raise ConfigurationError(
@@ -161,6 +189,7 @@ def inbound_app(
     interface: Literal["asgi", "wsgi"],
     tls: ReloadingServerTLS | None,
     options: ServeOptions,
+    watcher: ConfigWatcher | None = None,
 ) -> Any:
     """The app as served: the user's own mesh stack, or the default stack around a plain app.
 
@@ -168,9 +197,20 @@ def inbound_app(
     health (``/livez``, ``/readyz``), deadlines and identity. A stack the user built
     (``build_asgi_stack``) is served as it is; if it has no identity layer and the server does
     TLS, an identity layer is put outside it so its handlers still see the caller.
+
+    With a ``watcher`` (``--config``), the plain app's stack also carries the configuration's
+    authorization policies, JWT rules and rate limit, and is rebuilt on every reload
+    (:class:`~meshware.inbound.reloadable.ReloadableStack`).
     """
     bundles = _bundle_source(tls, options)
     if getattr(app, "__meshware_stack__", False):
+        if watcher is not None:
+            raise ConfigurationError(
+                "--config builds the inbound stack itself; serve the plain application, not a "
+                "stack built in code",
+                field="config_files",
+                value=options.config_files,
+            )
         if getattr(app, "resolver", None) is not None or bundles is None:
             return app
         resolver = IdentityResolver(
@@ -196,15 +236,18 @@ def inbound_app(
             exporter=options.trace_exporter,
             otlp_endpoint=options.otlp_endpoint,
         )
-    config = InboundConfig(
-        service=options.service,
-        namespace=options.namespace,
-        bundle=bundles,
-        trusted_proxies=options.trusted_proxies,
-        tracing=tracing,
-        access_log=options.access_log,
-        routes=_routes(app),
-    )
+    fixed: dict[str, Any] = {
+        "service": options.service,
+        "namespace": options.namespace,
+        "bundle": bundles,
+        "trusted_proxies": options.trusted_proxies,
+        "tracing": tracing,
+        "access_log": options.access_log,
+        "routes": _routes(app),
+    }
+    if watcher is not None:
+        return _reloadable(app, interface, watcher, fixed, options)
+    config = InboundConfig(**fixed)
     if interface == "asgi":
         from meshware.inbound.asgi.stack import build_asgi_stack
 
@@ -212,6 +255,89 @@ def inbound_app(
     from meshware.inbound.wsgi.stack import build_wsgi_stack
 
     return build_wsgi_stack(app, config)
+
+
+def _reloadable(
+    app: Any,
+    interface: Literal["asgi", "wsgi"],
+    watcher: ConfigWatcher,
+    fixed: dict[str, Any],
+    options: ServeOptions,
+) -> Any:
+    from meshware.inbound.reloadable import ReloadableStack, ReloadableWsgiStack
+
+    # The server's mTLS mode is fixed at start-up; identities are required exactly when it
+    # is STRICT (an explicit --mtls wins over the configuration's PeerAuthentication).
+    fixed = {**fixed, "require_identity": options.mtls is MtlsMode.STRICT and bool(fixed["bundle"])}
+    first = watcher.config.inbound_config(**fixed)
+    stack: Any = (
+        ReloadableStack(app, first) if interface == "asgi" else ReloadableWsgiStack(app, first)
+    )
+    started_mode = options.mtls
+
+    def on_config(config: MeshConfig) -> Any:
+        mode = config.mtls_mode
+        if not options.mtls_explicit and mode is not None and mode is not started_mode:
+            logger.warning(
+                "the PeerAuthentication mode is now %s; the server keeps %s until it restarts",
+                mode.name,
+                started_mode.name,
+            )
+        return stack.prepare(config.inbound_config(**fixed))
+
+    watcher.subscribe(on_config)
+    return stack
+
+
+def _admin(
+    watcher: ConfigWatcher | None,
+    tls: ReloadingServerTLS | None,
+    served: Any,
+    options: ServeOptions,
+) -> Introspection:
+    from meshware.introspection import default_introspection
+
+    introspection = default_introspection()
+    introspection.service = options.service
+    if watcher is not None:
+        introspection.watcher = watcher
+    if tls is not None:
+        introspection.add_tls(tls)
+    stack = served
+    while stack is not None and not hasattr(stack, "limiter"):
+        stack = getattr(stack, "app", None)
+    if stack is not None:
+        introspection.add_rate_limiter(lambda: getattr(stack, "limiter", None))
+    return introspection
+
+
+class _AdminPlaintext:
+    """What gunicorn's ``ssl_context`` hook returns: connections to the admin port stay
+    plaintext, every other one goes through the server's TLS context."""
+
+    __slots__ = ("_port", "_tls")
+
+    def __init__(self, tls: ReloadingServerTLS, port: int) -> None:
+        self._tls = tls
+        self._port = port
+
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> Any:
+        if sock.getsockname()[1] == self._port:
+            return sock
+        return self._tls.context.wrap_socket(sock, *args, **kwargs)
+
+
+def _admin_port_wsgi(app: Any, port: int, admin_app: Any) -> Any:
+    """On gunicorn's admin listener, answer with ``admin_app`` (``/meshz``) only."""
+
+    def admin_port_app(environ: dict[str, Any], start_response: Any) -> Any:
+        sock = environ.get("gunicorn.socket")
+        local = sock.getsockname()[1] if sock is not None else None
+        if local == port:
+            return admin_app(environ, start_response)
+        return app(environ, start_response)
+
+    return admin_port_app
 
 
 def _plaintext_scheme(app: Any) -> Any:
@@ -266,12 +392,33 @@ def serve(options: ServeOptions) -> None:
                 field="workers",
                 value=options.workers,
             )
+        watcher = None
+        if options.config_files:
+            from meshware.config.reload import ConfigWatcher
+
+            # A broken configuration at start-up stops here, before any socket is opened.
+            watcher = ConfigWatcher(
+                options.config_files,
+                service=options.service,
+                namespace=options.namespace,
+                interval=options.reload_interval,
+            )
+            mode = watcher.config.mtls_mode
+            if not options.mtls_explicit and mode is not None:
+                options = replace(options, mtls=mode)
         tls = _tls(options)
-        served = inbound_app(app, interface, tls, options)
+        served = inbound_app(app, interface, tls, options, watcher)
+        if watcher is not None:
+            watcher.metrics = getattr(served, "metrics", None)
+        introspection = (
+            _admin(watcher, tls, served, options) if options.admin_port is not None else None
+        )
         if interface == "asgi":
-            _serve_asgi(served, tls, options)
+            if watcher is not None:
+                watcher.start()
+            _serve_asgi(served, tls, options, introspection)
         else:
-            _serve_wsgi(served, tls, options)
+            _serve_wsgi(served, tls, options, introspection, watcher)
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -279,7 +426,9 @@ def serve(options: ServeOptions) -> None:
 
 def _listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only when the
+    # socket says it is TCP; without it small responses wait for Nagle + delayed ACK (~40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -292,18 +441,33 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _serve_asgi(app: Any, tls: ReloadingServerTLS | None, options: ServeOptions) -> None:
+def _serve_asgi(
+    app: Any,
+    tls: ReloadingServerTLS | None,
+    options: ServeOptions,
+    introspection: Introspection | None = None,
+) -> None:
     import uvicorn
 
     from meshware.server.asgi_server import health_only, mesh_protocol_class
 
     health_app = health_only(app, HEALTH_PATHS) if options.health_port is not None else None
+    admin_app = None
+    if introspection is not None:
+        from meshware.introspection import MeshzApp
+
+        admin_app = MeshzApp(introspection)
     config = uvicorn.Config(
         app,
         host=options.host,
         port=options.port,
         http=mesh_protocol_class(
-            tls, options.mtls, health_port=options.health_port, health_app=health_app
+            tls,
+            options.mtls,
+            health_port=options.health_port,
+            health_app=health_app,
+            admin_port=options.admin_port if admin_app is not None else None,
+            admin_app=admin_app,
         ),
         lifespan="auto",
         log_level=options.log_level,
@@ -313,6 +477,9 @@ def _serve_asgi(app: Any, tls: ReloadingServerTLS | None, options: ServeOptions)
     sockets = [_listen(options.host, options.port)]
     if options.health_port is not None:
         sockets.append(_listen(options.host, options.health_port))
+    if admin_app is not None and options.admin_port is not None:
+        # Loopback only, whatever --host says: /meshz is never on a reachable address.
+        sockets.append(_listen("127.0.0.1", options.admin_port))
     server = _draining_server_class(uvicorn.Server)(
         config, drain_seconds=options.drain_seconds, health=_health_of(app)
     )
@@ -360,13 +527,25 @@ def _draining_server_class(base: type[Any]) -> type[Any]:
     return DrainingServer
 
 
-def _serve_wsgi(app: Any, tls: ReloadingServerTLS | None, options: ServeOptions) -> None:
+def _serve_wsgi(
+    app: Any,
+    tls: ReloadingServerTLS | None,
+    options: ServeOptions,
+    introspection: Introspection | None = None,
+    watcher: ConfigWatcher | None = None,
+) -> None:
     from gunicorn.app.base import BaseApplication
 
     binds = [f"{options.host}:{options.port}"]
     if options.health_port is not None:
         binds.append(f"{options.host}:{options.health_port}")
         app = _health_port_wsgi(app, options.health_port)
+    if introspection is not None and options.admin_port is not None:
+        from meshware.introspection import MeshzWsgiApp
+
+        # Loopback only, whatever --host says: /meshz is never on a reachable address.
+        binds.append(f"127.0.0.1:{options.admin_port}")
+        app = _admin_port_wsgi(app, options.admin_port, MeshzWsgiApp(introspection))
     settings: dict[str, Any] = {
         "bind": binds,
         "workers": options.workers,
@@ -389,12 +568,20 @@ def _serve_wsgi(app: Any, tls: ReloadingServerTLS | None, options: ServeOptions)
             certfile=str(paths.cert),
             keyfile=str(paths.key),
             ca_certs=str(paths.bundle),
-            ssl_context=lambda conf, default_factory: tls.context,
+            ssl_context=(
+                (lambda conf, default_factory: tls.context)
+                if options.admin_port is None or introspection is None
+                else (lambda conf, default_factory: _AdminPlaintext(tls, options.admin_port))
+            ),
             # The handshake happens inside wrap_socket, which also lets PERMISSIVE mode and the
             # health port hand back a plain socket.
             do_handshake_on_connect=True,
         )
-        if options.mtls is MtlsMode.PERMISSIVE or options.health_port is not None:
+        if (
+            options.mtls is MtlsMode.PERMISSIVE
+            or options.health_port is not None
+            or introspection is not None
+        ):
             app = _plaintext_scheme(app)
 
     class MeshGunicorn(BaseApplication):  # type: ignore[misc]
@@ -403,6 +590,9 @@ def _serve_wsgi(app: Any, tls: ReloadingServerTLS | None, options: ServeOptions)
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
+            # Runs in each worker, after the fork: the watcher's thread must start here.
+            if watcher is not None:
+                watcher.start()
             return app
 
     MeshGunicorn().run()

@@ -357,6 +357,7 @@ class MeshMetrics:
         "_ratelimit_children",
         "_recorders",
         "_registry",
+        "_reloads",
         "_request_bytes",
         "_requests",
         "_response_bytes",
@@ -407,6 +408,7 @@ class MeshMetrics:
         self._authz_children: dict[tuple[str, str | None, bool], Any] = {}
         self._ratelimit_children: dict[tuple[str, str], Any] = {}
         self._identity_children: dict[str, Any] = {}
+        self._reloads: Counter | None = None
         self._bounded_policy = _Bounded(max_label_values)
         self._bounded_rule = _Bounded(max_label_values)
         self._bounded_reason = _Bounded(max_label_values)
@@ -589,6 +591,27 @@ class MeshMetrics:
             child = self._ratelimit.labels(self._bounded_rule(key[0]), label)
             self._ratelimit_children[key] = child
         child.inc()
+
+    def record_config_reload(self, outcome: str) -> None:
+        """Count one reload of the mesh configuration files
+        (``meshware_config_reloads_total{outcome}``, registered on first use).
+
+        Args:
+            outcome: ``"ok"`` (the new configuration is in force) or ``"error"`` (it was
+                refused and the last good one stays); other values are counted as
+                ``"unknown"``.
+        """
+        counter = self._reloads
+        if counter is None:
+            counter = Counter(
+                "meshware_config_reloads",
+                "Reloads of the mesh configuration files, by outcome.",
+                ("outcome",),
+                registry=None,
+            )
+            self._registry.register(_WithoutCreated([counter]))
+            self._reloads = counter
+        counter.labels(outcome if outcome in ("ok", "error") else UNKNOWN).inc()
 
     def record_identity_failure(self, reason: str) -> None:
         """Count one request whose peer identity was rejected or missing, by ``reason`` code."""

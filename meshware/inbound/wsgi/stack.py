@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from meshware.policy.authz import Authorizer
     from meshware.policy.jwt import JwtAuthenticator
     from meshware.policy.ratelimit import RateLimiter
+    from meshware.state.base import RateLimitBackend
     from meshware.telemetry.metrics import MeshMetrics
     from meshware.types import Environ, StartResponse, WSGIApp
 
@@ -120,7 +121,13 @@ class MeshStack:
         return f"<MeshStack {self.config.service}: {names or 'no layers'} -> {self.app!r}>"
 
 
-def build_wsgi_stack(app: WSGIApp, config: InboundConfig) -> MeshStack:
+def build_wsgi_stack(
+    app: WSGIApp,
+    config: InboundConfig,
+    *,
+    rate_limit_backend: RateLimitBackend | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> MeshStack:
     """Wrap a WSGI application in the inbound layers ``config`` calls for.
 
     The order is fixed, outermost first: telemetry (so every request is measured and logged,
@@ -133,6 +140,9 @@ def build_wsgi_stack(app: WSGIApp, config: InboundConfig) -> MeshStack:
         app: the WSGI application (Flask's ``app.wsgi_app`` or the Flask object, Django's
             WSGI handler, or any WSGI callable).
         config: the inbound configuration.
+        rate_limit_backend: the rate limiter's backend instead of a new one (see
+            :func:`~meshware.inbound.stack.build_parts`); the caller closes it.
+        tracer_provider: the tracer provider instead of one built from ``config.tracing``.
 
     Returns:
         The :class:`MeshStack`, a WSGI application exposing its parts.
@@ -142,7 +152,9 @@ def build_wsgi_stack(app: WSGIApp, config: InboundConfig) -> MeshStack:
             :class:`~meshware.inbound.stack.InboundConfig`, the trust bundle file cannot be
             read, or a JWT key source is invalid.
     """
-    parts = build_parts(config)
+    parts = build_parts(
+        config, rate_limit_backend=rate_limit_backend, tracer_provider=tracer_provider
+    )
     present = parts.layers
     layers: list[Any] = []
     entry: Any = app
