@@ -49,7 +49,6 @@ def _meshware() -> Any:
     from meshware.inbound.asgi.stack import build_asgi_stack
     from meshware.inbound.routes import StarletteRoutes
     from meshware.inbound.stack import InboundConfig
-
     from meshware.policy.authz import AuthorizationPolicy, Operation, Rule, Source
     from meshware.policy.ratelimit import RateLimitPolicy, RateLimitRule
     from meshware.telemetry.tracing import TracingConfig
