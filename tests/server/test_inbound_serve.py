@@ -12,6 +12,7 @@ import json
 import shutil
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -188,15 +189,20 @@ def test_gunicorn_workers_share_one_metrics_view(pki: Path) -> None:
             assert response.status_code == 200
             pids.add(response.json()["pid"])
             sent += 1
-        with caller(pki, "users") as users:
-            scrape = users.get(f"https://127.0.0.1:{port}/metrics").text
+        # A worker records a request when its response is closed, a moment after the client
+        # has it; poll until every recorded request shows (it must, and never more).
+        total = 0.0
+        deadline = time.monotonic() + 10
+        while total < sent and time.monotonic() < deadline:
+            with caller(pki, "users") as users:
+                scrape = users.get(f"https://127.0.0.1:{port}/metrics").text
+            families = {f.name: f for f in text_string_to_metric_families(scrape)}
+            total = sum(
+                s.value
+                for s in families["istio_requests"].samples
+                if s.name == "istio_requests_total" and s.labels.get("response_code") == "200"
+            )
     assert len(pids) >= 2
-    families = {f.name: f for f in text_string_to_metric_families(scrape)}
-    total = sum(
-        s.value
-        for s in families["istio_requests"].samples
-        if s.name == "istio_requests_total" and s.labels.get("response_code") == "200"
-    )
     assert total == sent
 
 
