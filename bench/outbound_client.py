@@ -2,6 +2,7 @@
 every feature configured, side by side in one run.
 
     python -m bench.outbound_client [--requests 3000] [--rounds 5] [--no-mtls] [--write]
+    python -m bench.outbound_client [...] --instructions   # also instructions per call
     python -m bench.outbound_client --profile [--requests 3000]
 
 One uvicorn server (httptools, one process, no access log) pinned to core 0 serves a tiny raw
@@ -33,8 +34,11 @@ import cProfile
 import importlib.util
 import os
 import pstats
+import re
+import shutil
 import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +49,15 @@ from typing import Any
 
 import httpx
 
-from bench.harness import ROOT, free_port, machine_summary, python, replace_section, server
+from bench.harness import (
+    ROOT,
+    free_port,
+    machine_summary,
+    pinned,
+    python,
+    replace_section,
+    server,
+)
 
 CONCURRENCY = (1, 20, 100)
 PATH = "/api/items/1"
@@ -219,6 +231,63 @@ async def profile(port: int, requests: int) -> None:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
 
 
+CLIENTS = ("plain", "mesh")
+# Calls counted under valgrind: the difference of two runs cancels start-up and warm-up.
+FEW, MANY = 200, 1200
+
+
+async def client_only(which: str, port: int, requests: int, concurrency: int) -> None:
+    client, url = plain_client(port, None) if which == "plain" else mesh(port, None)
+    try:
+        await run(client, url, requests, concurrency)
+    finally:
+        await client.aclose()
+
+
+def instructions(which: str, port: int, requests: int, concurrency: int) -> int:
+    """The instructions the client process runs in user space for ``requests`` calls."""
+    cmd = [
+        "valgrind", "--tool=callgrind", "--cache-sim=no", "--callgrind-out-file=/dev/null",
+        python(), "-m", "bench.outbound_client", "--client-only", which, "--port", str(port),
+        "--requests", str(requests), "--concurrency", str(concurrency),
+    ]  # fmt: skip
+    done = subprocess.run(pinned(cmd, 1), cwd=ROOT, capture_output=True, text=True, check=True)
+    match = re.search(r"Collected : (\d+)", done.stderr)
+    if match is None:
+        raise RuntimeError(f"no instruction count from valgrind:\n{done.stderr[-2000:]}")
+    return int(match.group(1))
+
+
+def instruction_table() -> list[str]:
+    """Instructions per call of each client (plaintext, concurrency 1 and 20), counted by
+    valgrind's callgrind: a measure of the client's own CPU work that other processes on the
+    machine do not disturb (system calls, the same for both clients, are not counted)."""
+    if shutil.which("valgrind") is None:
+        return ["(valgrind is not installed: no instruction counts)"]
+    lines = [
+        f"**Instructions per call** of the client process (plaintext; user space, counted by "
+        f"valgrind's callgrind over {MANY - FEW} calls: a run of {MANY} calls minus one of "
+        f"{FEW}):",
+        "",
+        "| concurrency | plain httpx | mesh_client | plain / mesh |",
+        "|---|---|---|---|",
+    ]
+    with upstream(None) as port:
+        for concurrency in (1, 20):
+            per_call = {}
+            for which in CLIENTS:
+                many = instructions(which, port, MANY, concurrency)
+                few = instructions(which, port, FEW, concurrency)
+                per_call[which] = (many - few) / (MANY - FEW)
+                print(f"c={concurrency} {which}: {per_call[which]:,.0f} instructions per call")
+            plain, meshed = per_call["plain"], per_call["mesh"]
+            lines.append(
+                f"| {concurrency} | {plain / 1000:,.0f} k | {meshed / 1000:,.0f} k | "
+                f"{plain / meshed:.2f} |"
+            )
+    return lines
+
+
 def table(series: dict[str, Series]) -> list[str]:
     plain, meshed = series["plain httpx"], series["mesh_client"]
     lines = [
@@ -293,9 +362,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="instead, profile the mesh client (plaintext, concurrency 20) with cProfile",
     )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count the client's instructions per call under valgrind (plaintext)",
+    )
+    parser.add_argument("--client-only", choices=CLIENTS, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    pin_to_core_1()
     without_sniffio_lookups()
+    if args.client_only:  # one client's calls, as the --instructions runs measure them
+        asyncio.run(client_only(args.client_only, args.port, args.requests, args.concurrency))
+        return 0
+    pin_to_core_1()
     if args.profile:
         with upstream(None) as port:
             asyncio.run(profile(port, args.requests))
@@ -318,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
     flags = f"--requests {args.requests} --rounds {args.rounds}"
+    flags += " --no-mtls" * args.no_mtls + " --instructions" * args.instructions
     lines = [
         f"Machine: {machine_summary()}.",
         "",
@@ -327,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, series in results.items():
         lines += ["", f"**{name}** (both clients):", "", *table(series)]
+    if args.instructions:
+        lines += ["", *instruction_table()]
     text = "\n".join(lines)
     print()
     print(text)

@@ -142,6 +142,14 @@ def format_timeout(seconds: float) -> str:
     if seconds >= _MAX_SECONDS:
         return "99999999H"
     nanos = max(1, round(seconds * 1e9))
+    if nanos % 1000:
+        # Not a whole microsecond, the usual case (the time left on a clock): no coarser unit
+        # is exact, so it is nanoseconds if they fit, else microseconds rounded up if they do.
+        if nanos <= _MAX_VALUE:
+            return f"{nanos}n"
+        micros = -(-nanos // 1000)
+        if micros <= _MAX_VALUE:
+            return f"{micros}u"
     for unit in _COARSE_TO_FINE:
         scale = _NANOS[unit]
         if nanos % scale == 0 and nanos // scale <= _MAX_VALUE:

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import httpx
 
@@ -62,10 +63,42 @@ from meshware.telemetry.metrics import OutboundRecorder
 __all__ = ["AsyncRetryTransport", "RetryTransport"]
 
 _DEFAULT_POLICY = RetryPolicy()
-# asyncio.timeout (Python 3.11+) limits a try without running it in a task of its own.
-_timeout: Callable[[float], AbstractAsyncContextManager[None]] | None = getattr(
-    asyncio, "timeout", None
-)
+# Task.uncancel() (Python 3.11+) tells a cancellation of ours from one asked for by others;
+# without it, a try is bounded with wait_for (in a task of its own).
+if sys.version_info >= (3, 11):
+    _UNCANCEL = True
+
+    def _cancelling(task: asyncio.Task[Any]) -> int:
+        return task.cancelling()
+
+    def _uncancel(task: asyncio.Task[Any]) -> int:
+        return task.uncancel()
+
+else:
+    _UNCANCEL = False
+
+    def _cancelling(task: asyncio.Task[Any]) -> int:
+        return 0
+
+    def _uncancel(task: asyncio.Task[Any]) -> int:
+        return 0
+
+
+class _Expiry:
+    """The hard time limit of one try: cancels the task when it fires."""
+
+    __slots__ = ("cancelling", "fired", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.cancelling = _cancelling(task)
+        self.fired = False
+
+    def fire(self) -> None:
+        self.fired = True
+        self.task.cancel()
+
+
 _GAVE_UP = frozenset({RetryReason.ATTEMPTS_EXHAUSTED, RetryReason.BUDGET_EXHAUSTED})
 
 
@@ -431,14 +464,34 @@ class AsyncRetryTransport(AttemptStamper, httpx.AsyncBaseTransport):
     ) -> httpx.Response:
         if limit is None:
             return await self._transport.handle_async_request(request)
+        task = asyncio.current_task()
+        if task is None or not _UNCANCEL:
+            try:
+                return await asyncio.wait_for(self._transport.handle_async_request(request), limit)
+            except asyncio.TimeoutError as exc:
+                raise call.per_try_expired(limit) from exc
+        # What asyncio.timeout() does, with one timer and no other object: this runs on
+        # every call that has a deadline. No task per try either, unlike wait_for.
+        loop = asyncio.get_running_loop()
+        expiry = _Expiry(task)
+        handle = loop.call_at(loop.time() + limit, expiry.fire)
         try:
-            if _timeout is not None:
-                # No task per try, unlike wait_for: this runs on every call with a deadline.
-                async with _timeout(limit):
-                    return await self._transport.handle_async_request(request)
-            return await asyncio.wait_for(self._transport.handle_async_request(request), limit)
-        except asyncio.TimeoutError as exc:
-            raise call.per_try_expired(limit) from exc
+            response = await self._transport.handle_async_request(request)
+        except asyncio.CancelledError as exc:
+            handle.cancel()
+            # Ours only if no other cancellation was asked for meanwhile.
+            if expiry.fired and _uncancel(task) <= expiry.cancelling:
+                raise call.per_try_expired(limit) from exc
+            raise
+        except BaseException:
+            handle.cancel()
+            if expiry.fired:
+                _uncancel(task)
+            raise
+        handle.cancel()
+        if expiry.fired:
+            _uncancel(task)
+        return response
 
     async def aclose(self) -> None:
         """Close the next transport."""

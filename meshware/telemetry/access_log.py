@@ -13,7 +13,6 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from itertools import islice
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from meshware.exceptions import ConfigurationError
@@ -41,10 +40,12 @@ def _json(value: object) -> str:
     if value is None:
         return "null"
     if kind is int:
-        return int.__repr__(value)  # type: ignore[arg-type]
+        return int.__repr__(value)
     if kind is float and value - value == 0.0:  # type: ignore[operator]
-        return float.__repr__(value)  # type: ignore[arg-type]
+        return float.__repr__(value)
     return _ENCODE(value)
+
+
 _internal_log = logging.getLogger("meshware.telemetry")
 _second_cache: tuple[int, str] = (-1, "")
 

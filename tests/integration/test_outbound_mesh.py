@@ -188,8 +188,8 @@ async def test_a_killed_instance_is_ejected_and_no_call_fails(pki: Path) -> None
             "host": "catalog",
             "trafficPolicy": {
                 "outlierDetection": {
-                    # A connect failure counts as a 503 (local-origin errors not split off),
-                    # so the first one ejects the dead endpoint.
+                    # A connect failure counts as a 503, a gateway error (local-origin
+                    # errors are not split off): the first one ejects the dead endpoint.
                     "consecutiveGatewayErrors": 1,
                     "consecutive5xxErrors": 2,
                     "interval": "1s",
@@ -215,7 +215,8 @@ async def test_a_killed_instance_is_ejected_and_no_call_fails(pki: Path) -> None
         served: list[str] = []
         statuses: list[int] = []
         # A clock that stands still: the 30 s ejection outlasts the test however slow the
-        # machine (nothing else in this client reads it: no deadline, no breaker trips).
+        # machine. Nothing else here needs time to pass: there is no deadline, and the retry
+        # budget's 20 % of the calls made leaves room for the one retry.
         frozen = FakeClock()
         async with mesh_client(config, rng=random.Random(7), clock=frozen) as client:
             for n in range(300):

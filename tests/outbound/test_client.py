@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -564,3 +565,41 @@ http:
     assert observer.mirror_statuses == {200: 1}
     shadow = [sent for sent in upstream.sent if sent["netloc"] == "10.0.0.2:8080"]
     assert [sent["headers"]["host"] for sent in shadow] == ["payments-shadow"]
+
+
+# --- the hard time limit of each try (async) -------------------------------------------------
+
+
+def hanging(arrived: asyncio.Event) -> httpx.MockTransport:
+    never = asyncio.Event()
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        arrived.set()
+        await never.wait()  # a server that never answers
+        return httpx.Response(200)
+
+    return httpx.MockTransport(upstream)
+
+
+async def test_a_try_past_its_limit_is_cut_off_and_the_task_stays_usable() -> None:
+    config = orders(retry=RetryPolicy(attempts=0, per_try_timeout=0.02))
+    async with mesh_client(config, passthrough=hanging(asyncio.Event())) as client:
+        with pytest.raises(httpx.ReadTimeout) as info:
+            await client.get("http://payments/")
+    assert str(info.value) == "per-try time limit of 0.020s exceeded"
+    task = asyncio.current_task()
+    assert task is not None
+    if sys.version_info >= (3, 11):
+        assert task.cancelling() == 0  # the limit's own cancellation was taken back
+    await asyncio.sleep(0)  # and no cancellation is left pending for the caller
+
+
+async def test_a_cancelled_caller_is_cancelled_not_timed_out() -> None:
+    arrived = asyncio.Event()
+    config = orders(retry=RetryPolicy(attempts=0, per_try_timeout=30.0))
+    async with mesh_client(config, passthrough=hanging(arrived)) as client:
+        call = asyncio.ensure_future(client.get("http://payments/"))
+        await arrived.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call

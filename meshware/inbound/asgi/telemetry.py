@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from os import urandom as _urandom
 from collections.abc import Callable, Iterable, Mapping
+from os import urandom as _urandom
 from typing import TYPE_CHECKING, Final
 
 from opentelemetry import context as otel_context
