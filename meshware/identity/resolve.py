@@ -240,7 +240,12 @@ class IdentityResolver:
         return None
 
     def _with_xfcc(self, header: str, ip: str | None, direct: Identity | None) -> Resolution:
-        if not self.trusted_proxies.trusts(ip, direct):
+        proxies = self.trusted_proxies
+        # The cached answer of trusts() for a peer known by its address only, when there is.
+        trusted = proxies._by_ip.get(ip) if direct is None and ip is not None else None
+        if trusted is None:
+            trusted = proxies.trusts(ip, direct)
+        if not trusted:
             self._count(
                 "untrusted-xfcc", f"ignored x-forwarded-client-cert from untrusted peer {ip}"
             )
@@ -249,7 +254,7 @@ class IdentityResolver:
             return Resolution(identity=direct, ignored="untrusted-xfcc")
         via = direct.spiffe_id.uri if direct is not None else ip
         key = (header, via)
-        bundles = self.verifier.bundles
+        bundles = self.verifier._bundles_fn()  # PeerVerifier.bundles, without the property
         hit = self._xfcc_cache.get(key)
         if hit is not None and hit[0] is bundles:
             return hit[1]

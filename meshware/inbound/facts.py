@@ -298,6 +298,13 @@ def facts_from_scope(
         record = record_of(scope)
     facts = record.facts
     if facts is not None:
+        if (
+            path is None
+            and facts.route is record.route
+            and facts.request_principal is record.request_principal
+            and (not headers or facts.headers is not _UNCOLLECTED)
+        ):
+            return facts  # nothing learned since they were built
         return _current(facts, record, headers, scope_headers, scope, path)
     server = scope.get("server")
     client = scope.get("client")

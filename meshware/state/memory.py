@@ -67,6 +67,12 @@ class MemoryBackend:
 
     def acquire_many(self, requests: Sequence[Acquisition], now: float) -> list[GcraResult]:
         """Charge several buckets under one lock; results in the order of ``requests``."""
+        if len(requests) == 1:  # the common case, without the loops
+            key, rate, cost = requests[0]
+            if cost < 1 or cost > rate.burst:
+                check_cost(rate, cost)
+            with self._lock:
+                return [self._charge(key, rate, cost, now)]
         for _, rate, cost in requests:
             if cost < 1 or cost > rate.burst:
                 check_cost(rate, cost)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from meshware.exceptions import ConfigurationError
+from meshware.inbound.record import principal_of
 
 if TYPE_CHECKING:
     from meshware.inbound.record import RequestRecord
@@ -50,13 +51,10 @@ _internal_log = logging.getLogger("meshware.telemetry")
 _second_cache: tuple[int, str] = (-1, "")
 
 
-_MAX_KEPT: Final = 256  # encoded parts kept per kind; peers choose some of the values
+_MAX_KEPT: Final = 1024  # combinations kept by an AccessLog; peers choose some of the values
 
 
-def _keep(parts: dict[Any, str], key: Any, encoded: str) -> None:
-    if len(parts) >= _MAX_KEPT:
-        parts.clear()
-    parts[key] = encoded
+_MILLIS: Final = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 def rfc3339_ms(timestamp: float) -> str:
@@ -68,7 +66,7 @@ def rfc3339_ms(timestamp: float) -> str:
     if second != cached_second:
         prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _second_cache = (second, prefix)
-    return f"{prefix}.{ms:03d}Z"
+    return prefix + _MILLIS[ms]
 
 
 def clean_text(value: str, limit: int) -> str:
@@ -115,15 +113,12 @@ class AccessLog:
     """
 
     __slots__ = (
-        "_agents",
-        "_callers",
         "_failed",
-        "_heads",
+        "_kept",
         "_level",
         "_logger",
         "_max_path",
         "_max_user_agent",
-        "_outcomes",
         "now",
     )
 
@@ -177,11 +172,8 @@ class AccessLog:
         self._max_path = max_path_length
         self._max_user_agent = max_user_agent_length
         self._failed = False
-        # Encoded parts of lines, by the values they encode (see _line).
-        self._heads: dict[tuple[str, str | None], str] = {}
-        self._callers: dict[tuple[str | None, str | None], str] = {}
-        self._outcomes: dict[tuple[str | None, ...], str] = {}
-        self._agents: dict[str | None, str] = {}
+        # What _line keeps per combination of the fields that repeat.
+        self._kept: dict[tuple[Any, ...], tuple[dict[str, Any], str, str, str]] = {}
         self.now = wall_clock
         """The wall clock the shells read a request's start time from."""
 
@@ -400,40 +392,99 @@ class AccessLog:
     ) -> tuple[dict[str, Any], str]:
         """The fields of a request without ``extra`` fields, and their JSON line.
 
-        The line is exactly ``_ENCODE(fields)``, written from the values: the parts that
-        repeat from request to request (method and route, caller, decisions, user agent) are
-        encoded once and kept.
+        The line is exactly ``_ENCODE(fields)``, written from the values. What repeats from
+        request to request (method and route, caller, decisions, user agent) is encoded once
+        per combination and kept, with a copy of the fields dict to start from.
         """
+        identity = record.identity
+        principal = None if identity is None else principal_of(identity)
+        key = (
+            method,
+            route,
+            principal,
+            record.request_principal,
+            record.authz_decision,
+            record.authz_policy,
+            record.authz_reason,
+            record.authz_dry_run,
+            record.ratelimit,
+            record.identity_error,
+            user_agent,
+        )
+        try:
+            kept = self._kept.get(key)
+        except TypeError:  # a value that cannot be a key
+            kept = self._parts(key)
+        else:
+            if kept is None:
+                kept = self._parts(key)
+                if len(self._kept) >= _MAX_KEPT:
+                    self._kept.clear()
+                self._kept[key] = kept
+        template, head, middle, tail = kept
+        if len(path) > self._max_path or not path.isprintable():
+            path = clean_text(path, self._max_path)
+        stamp = rfc3339_ms(start_time)
+        duration = round(duration_ms, 3)
+        request_id = record.request_id
+        fields = template.copy()
+        fields["time"] = stamp
+        fields["path"] = path
+        fields["status"] = status
+        fields["duration_ms"] = duration
+        fields["bytes_in"] = bytes_in
+        fields["bytes_out"] = bytes_out
+        fields["request_id"] = request_id
+        fields["trace_id"] = trace_id
+        took = (
+            repr(duration)
+            if type(duration) is float and duration - duration == 0.0
+            else _json(duration)
+        )
+        # The time is digits and punctuation, never escaped.
+        line = (
+            f'{{"time":"{stamp}",{head}{_STRING(path)},'
+            f'"status":{status if type(status) is int else _json(status)},'
+            f'"duration_ms":{took},'
+            f'"bytes_in":{bytes_in if type(bytes_in) is int else _json(bytes_in)},'
+            f'"bytes_out":{bytes_out if type(bytes_out) is int else _json(bytes_out)},'
+            f"{middle}{_STRING(request_id) if type(request_id) is str else _json(request_id)},"
+            f'"trace_id":{_STRING(trace_id) if type(trace_id) is str else _json(trace_id)}{tail}'
+        )
+        return fields, line
+
+    def _parts(self, key: tuple[Any, ...]) -> tuple[dict[str, Any], str, str, str]:
+        """The fields dict (variable fields ``None``) and the JSON around the variable fields,
+        for one combination of the fields that repeat."""
+        (
+            method,
+            route,
+            principal,
+            request_principal,
+            authz,
+            authz_policy,
+            authz_reason,
+            dry_run,
+            ratelimit,
+            identity_error,
+            user_agent,
+        ) = key
         method = clean_text(method, 32)
-        path = clean_text(path, self._max_path)
-        agent = user_agent
         if user_agent is not None:
             user_agent = clean_text(user_agent, self._max_user_agent)
-        duration = round(duration_ms, 3)
-        identity = record.identity
-        principal = None if identity is None else identity.principal
-        stamp = rfc3339_ms(start_time)
-        request_principal = record.request_principal
-        request_id = record.request_id
-        authz = record.authz_decision
-        authz_policy = record.authz_policy
-        authz_reason = record.authz_reason
-        dry_run = record.authz_dry_run
-        ratelimit = record.ratelimit
-        identity_error = record.identity_error
-        fields: dict[str, Any] = {
-            "time": stamp,
+        template: dict[str, Any] = {
+            "time": None,
             "method": method,
             "route": route,
-            "path": path,
-            "status": status,
-            "duration_ms": duration,
-            "bytes_in": bytes_in,
-            "bytes_out": bytes_out,
+            "path": None,
+            "status": None,
+            "duration_ms": None,
+            "bytes_in": None,
+            "bytes_out": None,
             "source_principal": principal,
             "request_principal": request_principal,
-            "request_id": request_id,
-            "trace_id": trace_id,
+            "request_id": None,
+            "trace_id": None,
             "authz": authz,
             "authz_policy": authz_policy,
             "authz_reason": authz_reason,
@@ -442,42 +493,18 @@ class AccessLog:
             "identity_error": identity_error,
             "user_agent": user_agent,
         }
-        try:
-            head = self._heads.get((method, route))
-            if head is None:
-                head = f'"method":{_STRING(method)},"route":{_json(route)},"path":'
-                _keep(self._heads, (method, route), head)
-            callers = self._callers.get((principal, request_principal))
-            if callers is None:
-                callers = (
-                    f'"source_principal":{_json(principal)},'
-                    f'"request_principal":{_json(request_principal)},"request_id":'
-                )
-                _keep(self._callers, (principal, request_principal), callers)
-            key = (authz, authz_policy, authz_reason, dry_run, ratelimit, identity_error)
-            outcomes = self._outcomes.get(key)
-            if outcomes is None:
-                outcomes = (
-                    f',"authz":{_json(authz)},"authz_policy":{_json(authz_policy)},'
-                    f'"authz_reason":{_json(authz_reason)},"authz_dry_run":{_json(dry_run)},'
-                    f'"ratelimit":{_json(ratelimit)},"identity_error":{_json(identity_error)},'
-                    '"user_agent":'
-                )
-                _keep(self._outcomes, key, outcomes)
-            tail = self._agents.get(agent)
-            if tail is None:
-                tail = _json(user_agent) + "}"
-                _keep(self._agents, agent, tail)
-        except TypeError:  # a value that cannot be a key
-            return fields, _ENCODE(fields)
-        # The time is digits and punctuation, never escaped.
-        line = (
-            f'{{"time":"{stamp}",{head}{_STRING(path)},"status":{_json(status)},'
-            f'"duration_ms":{_json(duration)},"bytes_in":{_json(bytes_in)},'
-            f'"bytes_out":{_json(bytes_out)},{callers}{_json(request_id)},'
-            f'"trace_id":{_json(trace_id)}{outcomes}{tail}'
+        head = f'"method":{_STRING(method)},"route":{_json(route)},"path":'
+        middle = (
+            f'"source_principal":{_json(principal)},'
+            f'"request_principal":{_json(request_principal)},"request_id":'
         )
-        return fields, line
+        tail = (
+            f',"authz":{_json(authz)},"authz_policy":{_json(authz_policy)},'
+            f'"authz_reason":{_json(authz_reason)},"authz_dry_run":{_json(dry_run)},'
+            f'"ratelimit":{_json(ratelimit)},"identity_error":{_json(identity_error)},'
+            f'"user_agent":{_json(user_agent)}}}'
+        )
+        return template, head, middle, tail
 
     def _emit_fields(self, **arguments: Any) -> None:
         # For subclasses that override fields(): the line is the encoding of their dict.

@@ -8,8 +8,9 @@ OpenTelemetry HTTP semantic-convention names (``http_server_request_duration_sec
 Three meshware counters (authorization, rate-limit and identity outcomes) are present in both.
 
 The per-request path is an ``InboundRecorder`` (one per workload, from
-:meth:`MeshMetrics.inbound`): it resolves the prometheus children once per distinct label tuple
-and afterwards costs a dict lookup and four observations per request.
+:meth:`MeshMetrics.inbound`): it resolves the labels once per distinct label tuple and afterwards
+costs a dict lookup and, in a single process, a few list updates under one lock per request
+(see :class:`InboundRecorder`).
 
 Every label value is bounded: no label is ever taken from a raw path, a header or a query; values
 that depend on peers (principals, route templates, policy names) are capped per label by
@@ -21,16 +22,22 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+import threading
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from meshware.exceptions import ConfigurationError
+from meshware.inbound.record import principal_of
 
 if TYPE_CHECKING:
     from meshware.identity.identity import Identity
@@ -134,6 +141,9 @@ _RATELIMIT_OUTCOMES: Final = {
     "backend_error": "backend_error",
 }
 _DECISIONS: Final = frozenset({"allow", "deny"})
+_AUTHZ_LABELS: Final = ("decision", "policy", "dry_run")
+_RATELIMIT_LABELS: Final = ("rule", "outcome")
+_IDENTITY_LABELS: Final = ("reason",)
 
 
 def _check_name(field: str, value: object, *, optional: bool) -> None:
@@ -274,15 +284,26 @@ class _Bounded:
 
 
 class _WithoutCreated(Collector):
-    """Collects meshware's metrics without the ``_created`` series, as a sidecar exposes them."""
+    """Collects meshware's metrics without the ``_created`` series, as a sidecar exposes them.
 
-    def __init__(self, metrics: Sequence[Counter | Histogram]) -> None:
+    ``extra`` gives the samples counted outside prometheus-client for a metric (see
+    :class:`InboundRecorder`); they join that metric's family.
+    """
+
+    def __init__(
+        self,
+        metrics: Sequence[Counter | Histogram],
+        extra: Callable[[Counter | Histogram], list[Sample]] | None = None,
+    ) -> None:
         self._metrics = tuple(metrics)
+        self._extra = extra
 
     def collect(self) -> Iterator[Metric]:
         for metric in self._metrics:
             for family in metric.collect():
                 family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+                if self._extra is not None:
+                    family.samples.extend(self._extra(metric))
                 yield family
 
     def describe(self) -> Iterator[Metric]:
@@ -307,6 +328,30 @@ def _check_buckets(field: str, value: object) -> tuple[float, ...]:
             )
         bounds.append(float(item))
     return tuple(bounds)
+
+
+class _Count:
+    """One series of a counter counted here rather than by prometheus-client (see
+    :class:`InboundRecorder`): its ``inc()`` is one call and one lock."""
+
+    __slots__ = ("labels", "lock", "value")
+
+    def __init__(self, labels: dict[str, str], lock: threading.Lock) -> None:
+        self.labels = labels
+        self.lock = lock
+        self.value = 0
+
+    def inc(self) -> None:
+        with self.lock:
+            self.value += 1
+
+
+def _multiprocess() -> bool:
+    """Whether prometheus-client keeps values in files shared by processes (then meshware
+    counts through it, so that every process's counts reach the scrape)."""
+    return bool(os.environ.get(MULTIPROC_ENV)) or bool(
+        getattr(prometheus_values.ValueClass, "_multiprocess", False)
+    )
 
 
 class MeshMetrics:
@@ -345,6 +390,8 @@ class MeshMetrics:
         "_bounded_reason",
         "_bounded_rule",
         "_byte_buckets",
+        "_counts",
+        "_counts_lock",
         "_duration",
         "_duration_buckets",
         "_identity_children",
@@ -408,6 +455,11 @@ class MeshMetrics:
         self._authz_children: dict[tuple[str, str | None, bool], Any] = {}
         self._ratelimit_children: dict[tuple[str, str], Any] = {}
         self._identity_children: dict[str, Any] = {}
+        # The outcome counters' series, when counted here: by counter, by label values.
+        self._counts: dict[Counter, dict[tuple[str, ...], _Count]] | None = (
+            None if _multiprocess() else {}
+        )
+        self._counts_lock = threading.Lock()
         self._reloads: Counter | None = None
         self._bounded_policy = _Bounded(max_label_values)
         self._bounded_rule = _Bounded(max_label_values)
@@ -480,19 +532,19 @@ class MeshMetrics:
         self._authz = Counter(
             "meshware_authz_decisions",
             "Authorization decisions by outcome and deciding policy.",
-            ("decision", "policy", "dry_run"),
+            _AUTHZ_LABELS,
             registry=None,
         )
         self._ratelimit = Counter(
             "meshware_ratelimit_decisions",
             "Rate-limit verdicts by rule and outcome.",
-            ("rule", "outcome"),
+            _RATELIMIT_LABELS,
             registry=None,
         )
         self._identity_failures = Counter(
             "meshware_identity_failures",
             "Requests whose peer identity was rejected or missing, by reason.",
-            ("reason",),
+            _IDENTITY_LABELS,
             registry=None,
         )
         owned: list[Counter | Histogram] = [
@@ -505,7 +557,34 @@ class MeshMetrics:
         ]
         if self._requests is not None:
             owned.insert(0, self._requests)
-        self._registry.register(_WithoutCreated(owned))
+        self._registry.register(_WithoutCreated(owned, self._tallied_samples))
+
+    def _child(self, counter: Counter, names: tuple[str, ...], *values: str) -> Any:
+        """The series of ``counter`` with label ``values``: a prometheus-client child, or the
+        :class:`_Count` standing for it."""
+        counts = self._counts
+        if counts is None:
+            return counter.labels(*values)
+        with self._counts_lock:
+            series = counts.setdefault(counter, {})
+            child = series.get(values)
+            if child is None:
+                child = series[values] = _Count(
+                    dict(zip(names, values, strict=True)), self._counts_lock
+                )
+        return child
+
+    def _tallied_samples(self, metric: Counter | Histogram) -> list[Sample]:
+        samples: list[Sample] = []
+        counts = self._counts
+        if counts is not None and metric in counts:
+            name = f"{metric._name}_total"
+            with self._counts_lock:
+                series = [(dict(c.labels), float(c.value)) for c in counts[metric].values()]
+            return [Sample(name, labels, value, None, None) for labels, value in series]
+        for recorder in list(self._recorders.values()):
+            samples.extend(recorder._samples(metric))
+        return samples
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -566,7 +645,9 @@ class MeshMetrics:
         key = (decision, policy, dry_run)
         child = self._authz_children.get(key)
         if child is None:
-            child = self._authz.labels(
+            child = self._child(
+                self._authz,
+                _AUTHZ_LABELS,
                 decision if decision in _DECISIONS else UNKNOWN,
                 "none" if policy is None else self._bounded_policy(policy),
                 "true" if dry_run else "false",
@@ -588,7 +669,9 @@ class MeshMetrics:
         key = (UNKNOWN if rule is None else rule, label)
         child = self._ratelimit_children.get(key)
         if child is None:
-            child = self._ratelimit.labels(self._bounded_rule(key[0]), label)
+            child = self._child(
+                self._ratelimit, _RATELIMIT_LABELS, self._bounded_rule(key[0]), label
+            )
             self._ratelimit_children[key] = child
         child.inc()
 
@@ -617,7 +700,9 @@ class MeshMetrics:
         """Count one request whose peer identity was rejected or missing, by ``reason`` code."""
         child = self._identity_children.get(reason)
         if child is None:
-            child = self._identity_failures.labels(self._bounded_reason(reason))
+            child = self._child(
+                self._identity_failures, _IDENTITY_LABELS, self._bounded_reason(reason)
+            )
             self._identity_children[reason] = child
         child.inc()
 
@@ -625,16 +710,33 @@ class MeshMetrics:
         """Count the authorization, rate-limit and identity outcomes inner layers noted."""
         if record.identity_error is not None:
             self.record_identity_failure(record.identity_error)
-        if record.authz_decision is not None:
-            self.record_authz(record.authz_decision, record.authz_policy)
+        decision = record.authz_decision
+        if decision is not None:
+            # record_authz() inlined for a known label tuple: this runs on every request.
+            child = self._authz_children.get((decision, record.authz_policy, False))
+            if child is None:
+                self.record_authz(decision, record.authz_policy)
+            else:
+                child.inc()
         if record.authz_dry_run is not None:
             self.record_authz(
                 record.authz_dry_run,
                 record.authz_dry_run_policy or record.authz_policy,
                 dry_run=True,
             )
-        if record.ratelimit is not None:
-            self.record_ratelimit(record.ratelimit_rule, record.ratelimit)
+        outcome = record.ratelimit
+        if outcome is not None:
+            rule = record.ratelimit_rule
+            label = _RATELIMIT_OUTCOMES.get(outcome)
+            child = (
+                None
+                if label is None
+                else self._ratelimit_children.get((UNKNOWN if rule is None else rule, label))
+            )
+            if child is None:
+                self.record_ratelimit(rule, outcome)
+            else:
+                child.inc()
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """Render the metrics for a scrape: ``(body, content_type)``.
@@ -654,25 +756,45 @@ class MeshMetrics:
         return encoder(self._registry), content_type
 
 
+# Where InboundRecorder keeps what it counts for one label tuple (a list, see _istio_children).
+_TALLY_COUNT: Final = 0
+_TALLY_DURATION: Final = 1
+_TALLY_REQUEST: Final = 2
+_TALLY_RESPONSE: Final = 3
+_TALLY_VALUES: Final = 4
+_TALLY_BUCKETS: Final = 5
+
+
 class InboundRecorder:
     """Records the requests one workload receives (``reporter="destination"``).
 
     Obtain it from :meth:`MeshMetrics.inbound`; it is safe to share between threads.
+
+    Under Istio naming, in a single process, a request's four observations are counted here
+    (one lock, a bucket index found by bisection) and handed to prometheus-client as samples
+    when the registry is collected, with the same names, labels and values its
+    ``Counter`` and ``Histogram`` would have; with ``PROMETHEUS_MULTIPROC_DIR`` set the
+    prometheus-client metrics are used directly, since their values are shared through files.
     """
 
     __slots__ = (
         "_bounded_principal",
         "_bounded_route",
         "_bounded_version",
+        "_byte_bounds",
         "_children",
         "_destination",
         "_duration",
+        "_duration_bounds",
         "_istio",
+        "_lock",
         "_metrics",
         "_request_bytes",
         "_requests",
         "_response_bytes",
         "_sources",
+        "_tallies",
+        "_tally",
         "workload",
     )
 
@@ -686,12 +808,18 @@ class InboundRecorder:
         self._request_bytes = metrics._request_bytes
         self._response_bytes = metrics._response_bytes
         self._destination = workload.destination_labels()
-        self._children: dict[tuple[object, ...], tuple[Any, ...]] = {}
+        self._children: dict[tuple[object, ...], Any] = {}
         self._sources: dict[str | None, tuple[str, ...]] = {}
         limit = metrics._max_label_values
         self._bounded_principal = _Bounded(limit)
         self._bounded_route = _Bounded(limit)
         self._bounded_version = _Bounded(8)
+        # Counted here unless prometheus-client keeps its values in files shared by processes.
+        self._tally = self._istio and not _multiprocess()
+        self._lock = threading.Lock()
+        self._tallies: dict[tuple[object, ...], list[Any]] = {}
+        self._duration_bounds = (*metrics._duration_buckets, math.inf)
+        self._byte_bounds = (*metrics._byte_buckets, math.inf)
 
     def observe(
         self,
@@ -763,13 +891,35 @@ class InboundRecorder:
     ) -> None:
         """:meth:`observe` with positional arguments, for the shells' per-request path."""
         if self._istio:
-            principal = None if identity is None else identity.principal
+            principal = None if identity is None else principal_of(identity)
             key: tuple[object, ...] = (principal, status, grpc, grpc_status, response_flags)
             children = self._children.get(key)
             if children is None:
                 children = self._istio_children(key, identity)
+            duration = duration_s * 1000.0
+            if self._tally:
+                # What Counter.inc() and Histogram.observe() do, on the list _istio_children
+                # laid out.
+                bounds = self._duration_bounds
+                byte_bounds = self._byte_bounds
+                offset = _TALLY_BUCKETS + len(bounds)
+                with self._lock:
+                    children[_TALLY_COUNT] += 1
+                    children[_TALLY_DURATION] += duration
+                    children[_TALLY_REQUEST] += request_bytes
+                    children[_TALLY_RESPONSE] += response_bytes
+                    # A NaN falls in no bucket (every "<=" is false), as in Histogram.
+                    if duration == duration:
+                        children[_TALLY_BUCKETS + bisect_left(bounds, duration)] += 1
+                    if request_bytes == request_bytes:
+                        children[offset + bisect_left(byte_bounds, request_bytes)] += 1
+                    if response_bytes == response_bytes:
+                        children[
+                            offset + len(byte_bounds) + bisect_left(byte_bounds, response_bytes)
+                        ] += 1
+                return
             children[0]()
-            children[1](duration_s * 1000.0)
+            children[1](duration)
             children[2](request_bytes)
             children[3](response_bytes)
         else:
@@ -808,9 +958,7 @@ class InboundRecorder:
         self._sources[principal] = labels
         return labels
 
-    def _istio_children(
-        self, key: tuple[object, ...], identity: Identity | None
-    ) -> tuple[Any, ...]:
+    def _istio_children(self, key: tuple[object, ...], identity: Identity | None) -> Any:
         _, status, grpc, grpc_status, flags = key
         values = (
             "destination",
@@ -822,6 +970,19 @@ class InboundRecorder:
             flags,
             "none" if identity is None else "mutual_tls",
         )
+        if self._tally:
+            # [count, duration sum, request bytes sum, response bytes sum, label values,
+            #  duration buckets..., request bytes buckets..., response bytes buckets...]
+            # Keys whose labels fold into the same values ("other") share one tally, as
+            # they would share one prometheus-client child.
+            with self._lock:
+                tally = self._tallies.get(values)
+                if tally is None:
+                    tally = [0, 0.0, 0.0, 0.0, values]
+                    tally += [0] * (len(self._duration_bounds) + 2 * len(self._byte_bounds))
+                    self._tallies[values] = tally
+                self._children[key] = tally
+            return tally
         requests = cast(Counter, self._requests)  # present under istio naming
         # The bound methods record() calls, looked up once.
         children = (
@@ -832,6 +993,46 @@ class InboundRecorder:
         )
         self._children[key] = children
         return children
+
+    def _samples(self, metric: Counter | Histogram) -> list[Sample]:
+        """The samples of ``metric`` counted here: those its prometheus-client children would
+        give (without ``_created``), in the order they would give them."""
+        if not self._tally:
+            return []
+        with self._lock:
+            tallies = [list(tally) for tally in self._tallies.values()]
+        if not tallies:
+            return []
+        names = ISTIO_LABELS
+        samples: list[Sample] = []
+        if metric is self._requests:
+            for tally in tallies:
+                labels = dict(zip(names, tally[_TALLY_VALUES], strict=True))
+                samples.append(Sample(f"{metric._name}_total", labels, float(tally[0]), None, None))
+            return samples
+        if metric is self._duration:
+            bounds, start, total = self._duration_bounds, _TALLY_BUCKETS, _TALLY_DURATION
+        elif metric is self._request_bytes:
+            bounds = self._byte_bounds
+            start, total = _TALLY_BUCKETS + len(self._duration_bounds), _TALLY_REQUEST
+        elif metric is self._response_bytes:
+            bounds = self._byte_bounds
+            start = _TALLY_BUCKETS + len(self._duration_bounds) + len(self._byte_bounds)
+            total = _TALLY_RESPONSE
+        else:
+            return []
+        name = metric._name
+        les = [floatToGoString(bound) for bound in bounds]  # type: ignore[no-untyped-call]
+        for tally in tallies:
+            labels = dict(zip(names, tally[_TALLY_VALUES], strict=True))
+            acc = 0.0
+            for index, le in enumerate(les):
+                acc += tally[start + index]
+                samples.append(Sample(f"{name}_bucket", {**labels, "le": le}, acc, None, None))
+            samples.append(Sample(f"{name}_count", dict(labels), acc, None, None))
+            if bounds[0] >= 0:
+                samples.append(Sample(f"{name}_sum", dict(labels), tally[total], None, None))
+        return samples
 
     def _otel_children(self, key: tuple[object, ...]) -> tuple[Any, ...]:
         method, route, status, scheme, http_version, error_type = key

@@ -11,6 +11,7 @@ start and finish the server span of each request.
 from __future__ import annotations
 
 import math
+import random
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -351,7 +352,7 @@ def format_trace_id(trace_id: int) -> str | None:
 
 
 _TRACE_ID_LIMIT: Final = TraceIdRatioBased.TRACE_ID_LIMIT
-_random_trace_id: Final = RandomIdGenerator.generate_trace_id
+_getrandbits: Final = random.getrandbits
 
 _FastRoots = tuple[_MeshIdGenerator, int, trace.TraceFlags, trace.TraceState]
 
@@ -362,7 +363,11 @@ def _unsampled_roots(tracer: trace.Tracer) -> _FastRoots | None:
     if not isinstance(tracer, SdkTracer):
         return None
     ids = tracer.id_generator
-    if not isinstance(ids, _MeshIdGenerator) or tracer.sampler is not ids.sampler:
+    if (
+        not isinstance(ids, _MeshIdGenerator)
+        or tracer.sampler is not ids.sampler
+        or type(ids).generate_span_id is not RandomIdGenerator.generate_span_id
+    ):
         return None
     if ids.bound > _TRACE_ID_LIMIT:
         return None  # every trace is sampled
@@ -465,11 +470,15 @@ class ServerSpans:
         fast = self._fast
         if fast is not None:
             ids, bound, flags, state = fast
-            trace_id = _random_trace_id(ids)
+            # The ids RandomIdGenerator makes, from the same generator, without its calls.
+            trace_id = _getrandbits(128)
+            while not trace_id:
+                trace_id = _getrandbits(128)
             if trace_id & _TRACE_ID_LIMIT >= bound:
-                span: Span = NonRecordingSpan(
-                    SpanContext(trace_id, ids.generate_span_id(), False, flags, state)
-                )
+                span_id = _getrandbits(64)
+                while not span_id:
+                    span_id = _getrandbits(64)
+                span: Span = NonRecordingSpan(SpanContext(trace_id, span_id, False, flags, state))
                 return span, trace.set_span_in_context(span, _ROOT)
             ids.choose(trace_id)
             try:

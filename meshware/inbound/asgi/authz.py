@@ -14,7 +14,7 @@ from urllib.parse import unquote
 
 from meshware.exceptions import ConfigurationError
 from meshware.inbound.facts import facts_from_scope, raw_path_of_scope, updated
-from meshware.inbound.record import RequestRecord, record_of
+from meshware.inbound.record import RECORD_KEY, RequestRecord, record_of
 from meshware.inbound.responses import json_body, send_json
 from meshware.inbound.routes import RouteResolver, route_of_scope
 from meshware.policy.authz import AuthorizationPolicy, Authorizer, AuthzDecision, route_policies
@@ -274,7 +274,7 @@ class AuthorizationMiddleware:
             await self.app(scope, receive, send)
             return
         core = self._core
-        record = record_of(scope)
+        record = scope.get(RECORD_KEY) or record_of(scope)
         facts = record.facts
         raw = raw_path_of_scope(scope) if facts is None else facts.path
         try:

@@ -161,8 +161,12 @@ class DeadlineMiddleware:
             if name == _HEADER_BYTES:
                 header = value
                 break
+        core = self._core
+        if header is None and core.default_timeout is None:
+            await self.app(scope, receive, send)  # no deadline (what deadline() answers)
+            return
         try:
-            deadline = self._core.deadline(header)
+            deadline = core.deadline(header)
         except InvalidTimeoutHeader as exc:
             await send_json(send, 400, DeadlineCore.malformed(record_of(scope), exc))
             return

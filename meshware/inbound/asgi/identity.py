@@ -7,7 +7,7 @@ from typing import Any
 
 from meshware.identity.resolve import IdentityResolver, TrustedProxies
 from meshware.inbound.identity import missing_identity_body, refusal
-from meshware.inbound.record import IDENTITY_KEY, record_of
+from meshware.inbound.record import IDENTITY_KEY, RECORD_KEY, record_of
 from meshware.inbound.responses import send_json
 from meshware.types import ASGIApp, Receive, Scope, Send
 
@@ -62,11 +62,12 @@ class IdentityMiddleware:
         identity = resolution.identity
         if identity is not None:
             scope[IDENTITY_KEY] = identity
-            record_of(scope).identity = identity
-        problem = resolution.error.reason if resolution.error is not None else resolution.ignored
+            (scope.get(RECORD_KEY) or record_of(scope)).identity = identity
+        error = resolution.error
+        problem = error.reason if error is not None else resolution.ignored
         if problem is not None:
-            record_of(scope).identity_error = problem
-        refused = refusal(resolution)
+            (scope.get(RECORD_KEY) or record_of(scope)).identity_error = problem
+        refused = None if error is None else refusal(resolution)
         if (
             refused is None
             and identity is None

@@ -10,11 +10,12 @@ what the ASGI and WSGI shells share. See ``docs/rate-limiting.md``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from math import ceil as _ceil
 from typing import Final
 
 from meshware.exceptions import ConfigurationError
 from meshware.inbound.facts import facts_from_scope
-from meshware.inbound.record import RequestRecord, record_of
+from meshware.inbound.record import RECORD_KEY, RequestRecord, record_of
 from meshware.inbound.responses import json_body, send_json
 from meshware.inbound.routes import RouteResolver, route_of_scope
 from meshware.policy.ratelimit import (
@@ -97,7 +98,7 @@ class RateLimitCore:
         self.has_rules = bool(rules)
         self.reads_headers = _reads_headers(rules)
         self._by_handler: dict[int, tuple[object, tuple[RateLimitRule, ...], bool]] = {}
-        self._policies: dict[str, bytes] = {}
+        self._policies: dict[tuple[str, int | None, int | None], bytes] = {}
 
     def for_handler(self, handler: object | None) -> tuple[tuple[RateLimitRule, ...], bool]:
         """The handler's own rules, and whether any rule that may apply reads headers."""
@@ -110,24 +111,35 @@ class RateLimitCore:
             self._by_handler[id(handler)] = cached
         return cached[1], cached[2]
 
-    def encoded(
-        self, decision: RateLimitDecision, fields: list[tuple[str, str]]
-    ) -> list[tuple[bytes, bytes]]:
-        """``fields`` (the decision's :meth:`~RateLimitDecision.headers`) as ASGI header
-        pairs: lower-case names, values encoded."""
-        if len(fields) == 2 and fields[0][0] == "RateLimit-Policy":
+    def encoded(self, decision: RateLimitDecision) -> list[tuple[bytes, bytes]]:
+        """The header fields of an allowed decision (:meth:`RateLimitDecision.headers`), as
+        ASGI header pairs: lower-case names, values encoded."""
+        rule = decision.rule
+        if rule is not None and decision.header_mode == "ietf" and decision.status != 429:
             # The usual pair; the policy field is the same for every request of a rule.
-            policy = fields[0][1]
-            encoded = self._policies.get(policy)
-            if encoded is None:
-                encoded = policy.encode("latin-1")
+            key = (rule, decision.limit, decision.window)
+            policy = self._policies.get(key)
+            if policy is None:
+                policy = f'"{rule}";q={decision.limit};w={decision.window}'.encode("latin-1")
                 if len(self._policies) < _MAX_POLICIES:
-                    self._policies[policy] = encoded
-            return [(_RATELIMIT_POLICY, encoded), (_RATELIMIT, fields[1][1].encode("latin-1"))]
+                    self._policies[key] = policy
+            reset = max(0, _ceil(decision.reset_after - 1e-6))
+            current = f'"{rule}";r={decision.remaining};t={reset}'.encode("latin-1")
+            return [(_RATELIMIT_POLICY, policy), (_RATELIMIT, current)]
         return [
             (_LOWER.get(name) or name.lower().encode("latin-1"), value.encode("latin-1"))
-            for name, value in fields
+            for name, value in decision.headers()
         ]
+
+    @staticmethod
+    def note(record: RequestRecord, decision: RateLimitDecision) -> None:
+        """Note the verdict on the record (when a rule applied or the backend failed)."""
+        if decision.rule is not None or decision.shadow_limited or decision.backend_error:
+            outcome = decision.outcome
+            record.ratelimit = outcome
+            record.ratelimit_rule = (
+                decision.shadow_rule if outcome == "shadow-limited" else decision.rule
+            )
 
     @staticmethod
     def decided(
@@ -139,14 +151,17 @@ class RateLimitCore:
             ``(status, body, headers)`` to answer with, or the header fields to add to the
             application's response (possibly none).
         """
-        if decision.rule is not None or decision.shadow_limited or decision.backend_error:
-            outcome = decision.outcome
-            record.ratelimit = outcome
-            record.ratelimit_rule = (
-                decision.shadow_rule if outcome == "shadow-limited" else decision.rule
-            )
         if decision.allowed:
+            RateLimitCore.note(record, decision)
             return decision.headers()
+        return RateLimitCore.refused(record, decision)
+
+    @staticmethod
+    def refused(
+        record: RequestRecord, decision: RateLimitDecision
+    ) -> tuple[int, bytes, list[tuple[str, str]]]:
+        """Note a verdict that refuses the request; return ``(status, body, headers)``."""
+        RateLimitCore.note(record, decision)
         if decision.backend_error:
             return 503, _UNAVAILABLE_BODY, []
         return 429, _LIMITED_BODY, decision.headers()
@@ -212,7 +227,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         core = self._core
-        record = record_of(scope)
+        record = scope.get(RECORD_KEY) or record_of(scope)
         route_rules, needs_headers = _NO_RULES, core.reads_headers
         if core.routes is not None:
             match = route_of_scope(scope, core.routes, record)
@@ -223,18 +238,18 @@ class RateLimitMiddleware:
             return
         facts = facts_from_scope(scope, record, headers=needs_headers)
         decision = await core.limiter.decide_async(facts, route_rules=route_rules)
-        verdict = core.decided(record, decision)
-        if isinstance(verdict, tuple):
-            status, body, headers = verdict
+        if not decision.allowed:
+            status, body, headers = core.refused(record, decision)
             if kind == "http":
                 await send_json(send, status, body, headers)
             else:
                 await send({"type": "websocket.close", "code": 1013})
             return
-        if not verdict or kind != "http":
+        core.note(record, decision)
+        extra = core.encoded(decision) if kind == "http" else None
+        if not extra:
             await self.app(scope, receive, send)
             return
-        extra = core.encoded(decision, verdict)
 
         async def send_with_fields(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -22,9 +22,9 @@ from opentelemetry import context as otel_context
 from opentelemetry.propagators.textmap import Getter
 
 from meshware.exceptions import ConfigurationError
-from meshware.inbound.record import RequestRecord, record_of
+from meshware.inbound.record import RECORD_KEY, RequestRecord, record_of
 from meshware.telemetry.access_log import AccessLog
-from meshware.telemetry.context import reset_request_id, set_request_id
+from meshware.telemetry.context import _request_id
 from meshware.telemetry.metrics import InboundRecorder, MeshMetrics, WorkloadInfo
 from meshware.telemetry.tracing import ServerSpans
 
@@ -52,6 +52,8 @@ _internal_log = logging.getLogger("meshware.telemetry")
 _attach = otel_context.attach
 _detach = otel_context.detach
 _EMIT: Final = AccessLog.emit
+_set_request_id: Final = _request_id.set  # telemetry.context's variable, without a call
+_reset_request_id: Final = _request_id.reset
 
 
 def valid_request_id(value: str) -> bool:
@@ -298,7 +300,9 @@ class InboundTelemetry:
             self._warn_once("could not finish the request span")
         log = self.access_log
         if log is not None:
-            trace_id = ServerSpans.trace_id(span, context)
+            number = span.get_span_context().trace_id
+            # ServerSpans.trace_id() for a span with a trace id of its own, written in place.
+            trace_id = f"{number:032x}" if number else ServerSpans.trace_id(span, context)
             if type(log).emit is _EMIT:
                 log.write(
                     wall_start,
@@ -439,14 +443,19 @@ class TelemetryMiddleware:
         wall_start = 0.0 if log is None else log.now()
         raw_headers = scope["headers"]
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
-        record = record_of(scope)
+        record = scope.get(RECORD_KEY) or record_of(scope)
         rid_name = self._rid_bytes
         request_id = headers.get(core.request_id_header)
         if request_id is None or not valid_request_id(request_id):
-            request_id = new_request_id()
-            rid_pair = (rid_name, request_id.encode("latin-1"))
+            new_id = new_request_id()
+            rid_pair = (rid_name, new_id.encode("latin-1"))
             # The app and its outbound calls see the id this layer logs.
-            scope["headers"] = [*(pair for pair in raw_headers if pair[0] != rid_name), rid_pair]
+            if request_id is None:
+                scope["headers"] = [*raw_headers, rid_pair]
+            else:
+                scope["headers"] = [pair for pair in raw_headers if pair[0] != rid_name]
+                scope["headers"].append(rid_pair)
+            request_id = new_id
         else:
             rid_pair = (rid_name, request_id.encode("latin-1"))
         record.request_id = request_id
@@ -523,7 +532,7 @@ class TelemetryMiddleware:
         cancelled = False
         token = _attach(ctx)
         # Outbound calls made while serving the request propagate its id.
-        rid_token = set_request_id(request_id)
+        rid_token = _set_request_id(request_id)
         try:
             await self.app(scope, app_receive, send_wrapper)
         except Exception as exc:
@@ -533,7 +542,7 @@ class TelemetryMiddleware:
             cancelled = True
             raise
         finally:
-            reset_request_id(rid_token)
+            _reset_request_id(rid_token)
             _detach(token)
             core.record(
                 record,
