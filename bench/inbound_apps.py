@@ -4,7 +4,6 @@ full meshware inbound stack, and under the usual hand-assembled peer stack."""
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import shutil
 import tempfile
@@ -45,17 +44,15 @@ def _bundle() -> str:
 def _meshware() -> Any:
     """As in production: XFCC identity from a trusted proxy, ten authz rules (the last one
     matches), a rate limit that never triggers, Istio metrics, 1% parent-based tracing, and the
-    access log written to a file."""
+    access log written to a file as Istio writes it (buffered, flushed every second)."""
     from meshware.inbound.asgi.stack import build_asgi_stack
     from meshware.inbound.routes import StarletteRoutes
     from meshware.inbound.stack import InboundConfig
     from meshware.policy.authz import AuthorizationPolicy, Operation, Rule, Source
     from meshware.policy.ratelimit import RateLimitPolicy, RateLimitRule
+    from meshware.telemetry.access_log import AccessLog
     from meshware.telemetry.tracing import TracingConfig
 
-    log = logging.getLogger("meshware.access")
-    log.addHandler(logging.FileHandler(os.devnull))
-    log.propagate = False
     rules = [
         Rule(
             from_=[Source(principals=[f"cluster.local/ns/default/sa/svc{i}"])],
@@ -76,7 +73,8 @@ def _meshware() -> Any:
             rules=(RateLimitRule(name="per-caller", rate="1000000/second", key="principal"),)
         ),
         tracing=TracingConfig(service_name="catalog", sampler_ratio=0.01, exporter="none"),
-        access_log=True,
+        # As Istio's accessLogFile: buffered lines straight to a file (here, nowhere).
+        access_log=AccessLog(file=os.devnull),
         routes=StarletteRoutes(app),
     )
     return build_asgi_stack(app, config)

@@ -682,7 +682,12 @@ def feature_checks(d: Deployment, certs: Certs) -> dict[str, bool]:
         checks["server_metrics"] = "istio_requests_total{" in server_metrics
         checks["client_metrics"] = 'reporter="source"' in client_metrics
         log = d.logs().get("B")
-        checks["access_log"] = bool(log and '"status":200' in log.read_text(errors="replace"))
+        deadline = time.monotonic() + 3.0  # the access log file is flushed every second
+        while not (found := bool(log and '"status":200' in log.read_text(errors="replace"))):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        checks["access_log"] = found
     else:
         checks["server_metrics"] = "http_requests_total" in server_metrics
         checks["client_metrics"] = "client_requests_total" in client_metrics

@@ -89,6 +89,7 @@ def _server_meshware() -> Any:
     from meshware.inbound.routes import StarletteRoutes
     from meshware.inbound.stack import InboundConfig
     from meshware.policy.authz import AuthorizationPolicy, Operation, Rule, Source
+    from meshware.telemetry.access_log import AccessLog
     from meshware.telemetry.tracing import TracingConfig
 
     app = _server_app()
@@ -107,7 +108,8 @@ def _server_meshware() -> Any:
         bundle=_service_files(SERVER)[2],
         policies=[allow],
         tracing=TracingConfig(service_name=SERVER, sampler_ratio=TRACE_RATIO, exporter="none"),
-        access_log=True,
+        # Istio's default: accessLogFile /dev/stdout, buffered.
+        access_log=AccessLog(file="/dev/stdout"),
         routes=StarletteRoutes(app),
     )
     return build_asgi_stack(app, config)

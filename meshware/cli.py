@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-access-log", dest="access_log", action="store_false", help="no JSON access log"
     )
+    serve.add_argument(
+        "--access-log-file",
+        metavar="PATH",
+        help="write the access log to this file, buffered (e.g. /dev/stdout); default: stderr",
+    )
     serve.add_argument("--trace-exporter", default="none", choices=["none", "console", "otlp"])
     serve.add_argument(
         "--trace-sample", type=float, default=0.01, help="parent-based ratio (default: 0.01)"
@@ -285,6 +290,7 @@ def _serve(args: argparse.Namespace) -> int:
         extra_paths=tuple(args.app_dir),
         health_port=args.health_port,
         access_log=args.access_log,
+        access_log_file=args.access_log_file,
         trace_exporter=args.trace_exporter,
         trace_sample=args.trace_sample,
         otlp_endpoint=args.otlp_endpoint,

@@ -41,9 +41,16 @@ class ConfigurationError(MeshwareError, ValueError):
     def __init__(self, message: str, *, field: str | None = None, value: object = None) -> None:
         self.field = field
         self.value = value
+        self.explanation = message
+        """The message without the field's name."""
         if field is not None:
             message = f"{field}: {message}"
         super().__init__(message)
+
+    def moved(self, field: str, value: object = None) -> ConfigurationError:
+        """The same problem, said of another field (the setting a user wrote, where this
+        error came from a value built from it)."""
+        return ConfigurationError(self.explanation, field=field, value=value)
 
 
 class InvalidSpiffeId(ConfigurationError):

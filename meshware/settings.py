@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from meshware.outbound.destination import DestinationRule
     from meshware.outbound.retry import RetryPolicy
     from meshware.outbound.routing import VirtualService
+    from meshware.telemetry.access_log import AccessLog
     from meshware.telemetry.tracing import TracingConfig
 
 __all__ = [
@@ -605,6 +606,12 @@ SETTINGS: Final[Mapping[str, Setting]] = MappingProxyType(
             Setting("metrics", True, _bool, "record Istio metrics"),
             Setting("metrics_path", "/metrics", _metrics_path, "where metrics are scraped"),
             Setting("access_log", True, _bool, "write a JSON access-log line per request"),
+            Setting(
+                "access_log_file",
+                None,
+                _optional_text,
+                "write access-log lines to this file, buffered (Istio's accessLogFile)",
+            ),
             Setting("tracing", True, _bool, "trace requests (OpenTelemetry)"),
             Setting("trace_exporter", "none", _exporter, "none, console or otlp"),
             Setting("trace_sample", 0.01, _ratio, "share of new traces recorded"),
@@ -650,6 +657,8 @@ class MeshSettings:
         explain_denials: add the deciding policy to 403 bodies.
         rate_limit: the service-wide rate-limit policy, or ``None``.
         health, metrics, metrics_path, access_log: the health and telemetry layers.
+        access_log_file: a file (``/dev/stdout``) the access log is written to, buffered,
+            instead of the ``meshware.access`` logger.
         tracing, trace_exporter, trace_sample, otlp_endpoint, trace_propagators: tracing.
         deadlines, default_timeout, max_timeout: the deadline layer.
         services: endpoints of mesh services (``{"payments": ("10.0.0.5:8443",)}``).
@@ -679,6 +688,7 @@ class MeshSettings:
     metrics: bool = True
     metrics_path: str | None = "/metrics"
     access_log: bool = True
+    access_log_file: str | None = None
     tracing: bool = True
     trace_exporter: str = "none"
     trace_sample: float = 0.01
@@ -749,7 +759,10 @@ class MeshSettings:
     def _validate_inbound(self) -> None:
         from meshware.inbound.stack import InboundConfig
 
-        InboundConfig(**self._inbound_kwargs(health=None, metrics=None))
+        # The access log file is checked, not opened: loading settings creates no file.
+        InboundConfig(**self._inbound_kwargs(health=None, metrics=None, access_log=self.access_log))
+        if self.access_log and self.access_log_file is not None:
+            _check_writable(self.access_log_file, "access_log_file")
 
     # -- what the plugins build ----------------------------------------------------------------
 
@@ -782,6 +795,17 @@ class MeshSettings:
         except ConfigurationError as exc:
             raise _renamed(exc) from exc
 
+    def _access_log(self) -> bool | AccessLog:
+        # The file is opened here, when the stack is built, so a bad path stops startup.
+        if not self.access_log or self.access_log_file is None:
+            return self.access_log
+        from meshware.telemetry.access_log import AccessLog
+
+        try:
+            return AccessLog(file=self.access_log_file)
+        except ConfigurationError as exc:
+            raise exc.moved("access_log_file", self.access_log_file) from None
+
     def _inbound_kwargs(self, **overrides: Any) -> dict[str, Any]:
         from meshware.inbound.health import HealthChecks
         from meshware.telemetry.metrics import MeshMetrics
@@ -800,7 +824,9 @@ class MeshSettings:
             "rate_limit": self.rate_limit,
             "metrics_path": self.metrics_path if self.metrics else None,
             "tracing": self.tracing_config(),
-            "access_log": self.access_log,
+            "access_log": overrides["access_log"]
+            if "access_log" in overrides
+            else self._access_log(),
             "deadlines": self.deadlines,
             "default_timeout": self.default_timeout,
             "max_timeout": self.max_timeout,
@@ -870,6 +896,32 @@ class MeshSettings:
             kwargs["routes"] = RouteTable(self.virtual_services)
         kwargs.update(overrides)
         return OutboundConfig(**kwargs)
+
+
+def _check_writable(path: str, field: str) -> None:
+    """Refuse a file that could not be opened for appending, without creating it."""
+    if "\x00" in path:
+        raise ConfigurationError("expected a path without NUL characters", field=field, value=path)
+    target = Path(path)
+    if target.exists():
+        if target.is_dir() or not os.access(target, os.W_OK):
+            raise ConfigurationError(
+                f"cannot open {path} for appending: not a writable file", field=field, value=path
+            )
+        return
+    parent = target.parent
+    if not parent.is_dir():
+        raise ConfigurationError(
+            f"cannot open {path} for appending: {parent} is not a directory",
+            field=field,
+            value=path,
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigurationError(
+            f"cannot open {path} for appending: {parent} is not writable",
+            field=field,
+            value=path,
+        )
 
 
 _ALIASES: Final = {

@@ -63,6 +63,7 @@ class ServeOptions:
     extra_paths: tuple[str, ...] = field(default=())
     health_port: int | None = None
     access_log: bool = True
+    access_log_file: str | None = None
     trace_exporter: Literal["none", "console", "otlp"] = "none"
     trace_sample: float = 0.01
     otlp_endpoint: str | None = None
@@ -111,6 +112,14 @@ class ServeOptions:
             raise ConfigurationError(
                 "expected a ratio from 0 to 1", field="trace_sample", value=self.trace_sample
             )
+        if self.access_log and self.access_log_file is not None:
+            # Opened once here so that a bad path stops startup, before workers are forked.
+            from meshware.telemetry.log_file import BufferedLineFile
+
+            try:
+                BufferedLineFile(self.access_log_file).close()
+            except ConfigurationError as exc:
+                raise exc.moved("access_log_file", self.access_log_file) from None
 
 
 def import_app(reference: str) -> Any:
@@ -165,6 +174,14 @@ def _bundle_source(tls: ReloadingServerTLS | None, options: ServeOptions) -> Any
         return lambda: tls.bundles
     bundle = ServicePaths.under(options.cert_dir, options.service, options.namespace).bundle
     return str(bundle) if bundle.exists() else None
+
+
+def _access_log(options: ServeOptions) -> Any:
+    if not options.access_log or options.access_log_file is None:
+        return options.access_log
+    from meshware.telemetry.access_log import AccessLog
+
+    return AccessLog(file=options.access_log_file)
 
 
 def _routes(app: Any) -> Any:
@@ -242,7 +259,7 @@ def inbound_app(
         "bundle": bundles,
         "trusted_proxies": options.trusted_proxies,
         "tracing": tracing,
-        "access_log": options.access_log,
+        "access_log": _access_log(options),
         "routes": _routes(app),
     }
     if watcher is not None:

@@ -27,6 +27,7 @@ from meshware.settings import (
     load_settings,
     settings_table,
 )
+from meshware.telemetry.access_log import AccessLog
 from tests.plugins import Pki, pki
 from tests.servers import ROOT
 
@@ -489,6 +490,35 @@ def test_tracing_and_metrics_switches() -> None:
     with pytest.raises(InvalidSetting) as caught:
         load_settings({"service": "o", "otlp_endpoint": "http://c:4318"}, environ={})
     assert caught.value.field == "otlp_endpoint"
+
+
+def test_access_log_file_from_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    merged = load_settings({"service": "orders"}, environ={"MESHWARE_ACCESS_LOG_FILE": str(path)})
+    log = merged.inbound_config().access_log
+    assert isinstance(log, AccessLog) and log.file is not None
+    assert log.file.path == str(path)
+    log.close()
+    off = load_settings(
+        {"service": "orders", "access_log": False, "access_log_file": str(path)}, environ={}
+    )
+    assert off.inbound_config().access_log is False
+    with pytest.raises(InvalidSetting) as caught:
+        load_settings(
+            {"service": "orders", "access_log_file": str(tmp_path / "no" / "a.log")}, environ={}
+        )
+    assert caught.value.field == "access_log_file"
+    assert str(caught.value) == (
+        f"access_log_file: cannot open {tmp_path / 'no' / 'a.log'} for appending: "
+        f"{tmp_path / 'no'} is not a directory (from code)"
+    )
+    with pytest.raises(InvalidSetting) as caught:
+        load_settings({"service": "orders", "access_log_file": str(tmp_path)}, environ={})
+    assert "not a writable file" in str(caught.value)
+    # Loading settings checks the path but creates nothing.
+    later = tmp_path / "later.log"
+    load_settings({"service": "orders", "access_log_file": str(later)}, environ={})
+    assert not later.exists()
 
 
 def test_mesh_settings_built_directly_are_validated_the_same_way() -> None:

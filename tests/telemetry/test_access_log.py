@@ -242,3 +242,67 @@ def test_invalid_arguments(arguments: dict[str, Any], field: str, message: str) 
 
     assert caught.value.field == field
     assert str(caught.value) == f"{field}: {message}"
+
+
+# -- straight to a file -----------------------------------------------------------------------
+
+
+def test_a_file_gets_the_same_lines_as_the_logger(logger: logging.Logger, tmp_path: Any) -> None:
+    path = tmp_path / "access.log"
+    to_file = AccessLog(file=path, flush_interval=3600)
+    to_logger = AccessLog(logger, handler=None)
+    identity = Identity(SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/web"), "tls")
+    requests = [
+        request_fields(),
+        request_fields(record=RequestRecord(request_id="r-2", identity=identity)),
+        request_fields(path="/evil\npath", user_agent="x" * 400, status=503),
+        request_fields(record=RequestRecord(request_id="r-3", extra={"tenant": "acme"})),
+        request_fields(record=None, trace_id="cd" * 16),
+    ]
+    for fields in requests:
+        to_file.emit(**fields)
+    assert to_file.enabled and to_file.file is not None
+    to_file.close()
+
+    assert path.read_text().splitlines() == [to_logger.format(**f) for f in requests]
+
+
+def test_a_subclass_fields_reach_the_file(tmp_path: Any) -> None:
+    class Short(AccessLog):
+        def fields(self, **arguments: Any) -> dict[str, Any]:
+            return {"status": arguments["status"], "path": arguments["path"]}
+
+    path = tmp_path / "access.log"
+    log = Short(file=path)
+    log.emit(**request_fields())
+    log.close()
+    assert path.read_text() == '{"status":200,"path":"/users/7"}\n'
+
+
+@pytest.mark.parametrize(
+    ("arguments", "field", "message"),
+    [
+        ({"logger": "other"}, "access_log.file", "a file takes the place of a logger"),
+        ({"handler": None}, "access_log.file", "a file takes the place of a logger"),
+        ({"level": logging.DEBUG}, "access_log.file", "a file takes the place of a logger"),
+        ({"flush_interval": 0}, "access_log.flush_interval", "expected seconds above 0"),
+        ({"buffer_bytes": -1}, "access_log.buffer_bytes", "expected a positive number of bytes"),
+    ],
+)  # fmt: skip
+def test_invalid_file_arguments(
+    tmp_path: Any, arguments: dict[str, Any], field: str, message: str
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        AccessLog(file=tmp_path / "access.log", **arguments)
+    assert caught.value.field == field
+    assert message in str(caught.value)
+
+
+def test_an_unopenable_file_names_the_setting(tmp_path: Any) -> None:
+    missing = tmp_path / "nowhere" / "access.log"
+    with pytest.raises(ConfigurationError) as caught:
+        AccessLog(file=missing)
+    assert caught.value.field == "access_log.file"
+    assert str(caught.value) == (
+        f"access_log.file: cannot open {missing} for appending: No such file or directory"
+    )
