@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
-import yaml
-
 from meshware.exceptions import ConfigurationError
 from meshware.outbound.deadline import parse_duration
 from meshware.outbound.endpoints import _check_subset_name
@@ -1184,6 +1182,8 @@ class RouteTable:
         Raises:
             ConfigurationError: the text is not valid YAML, or as :meth:`from_documents`.
         """
+        import yaml  # only route tables read from text need it
+
         try:
             documents = list(yaml.safe_load_all(text))
         except yaml.YAMLError as exc:
