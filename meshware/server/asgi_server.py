@@ -15,6 +15,8 @@ import asyncio
 import os
 import socket
 import ssl
+import sys
+from asyncio import sslproto as _sslproto
 from typing import Any
 
 from meshware.inbound.responses import send_json
@@ -27,7 +29,63 @@ except ImportError:  # pragma: no cover - depends on the installed extras
     from uvicorn.protocols.http.h11_impl import H11Protocol as _Inner  # type: ignore[assignment]
 
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10  # seconds
+TLS_READ_BUFFER = 32 * 1024
+"""Bytes a TLS connection reads from its socket at once: two full TLS records. asyncio's own
+is 256 KiB per connection, allocated and zeroed up front — 8 MB for 32 idle keep-alive
+connections of a service."""
+
+
+_OLD_SSLPROTO = sys.version_info < (3, 11)  # before 3.11, another SSLProtocol
+
+
+class _LeanSSLProtocol(_sslproto.SSLProtocol):
+    max_size = TLS_READ_BUFFER  # read by SSLProtocol.__init__ (3.11+) to size its buffer
+
+
+async def start_server_tls(
+    loop: asyncio.AbstractEventLoop,
+    transport: asyncio.Transport,
+    protocol: asyncio.BaseProtocol,
+    context: ssl.SSLContext,
+) -> asyncio.Transport | None:
+    """``loop.start_tls(..., server_side=True)`` with a :data:`TLS_READ_BUFFER` read buffer.
+
+    On Python 3.11+ asyncio loops this does what ``BaseEventLoop.start_tls`` does, with an
+    ``SSLProtocol`` whose buffer is smaller; elsewhere (3.10, other loops) it is the loop's own
+    ``start_tls``.
+    """
+    if _OLD_SSLPROTO or not isinstance(loop, asyncio.BaseEventLoop):
+        return await loop.start_tls(
+            transport,
+            protocol,
+            context,
+            server_side=True,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+        )
+    waiter: asyncio.Future[None] = loop.create_future()
+    ssl_protocol = _LeanSSLProtocol(
+        loop,
+        protocol,
+        context,
+        waiter,
+        server_side=True,
+        ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+        call_connection_made=False,
+    )
+    # As BaseEventLoop.start_tls: nothing is read before the protocol is connected.
+    transport.pause_reading()
+    transport.set_protocol(ssl_protocol)
+    made = loop.call_soon(ssl_protocol.connection_made, transport)
+    resume = loop.call_soon(transport.resume_reading)
+    try:
+        await waiter
+    except BaseException:
+        transport.close()
+        made.cancel()
+        resume.cancel()
+        raise
+    return ssl_protocol._app_transport
 
 
 def tls_extension(sslobj: ssl.SSLObject, server_cert_pem: str) -> dict[str, Any]:
@@ -193,13 +251,7 @@ def mesh_protocol_class(
             assert self._transport is not None and tls is not None
             transport = self._transport
             try:
-                secure = await self._loop.start_tls(
-                    transport,
-                    self,
-                    tls.entry_context,
-                    server_side=True,
-                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-                )
+                secure = await start_server_tls(self._loop, transport, self, tls.entry_context)
             except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError):
                 # A refused handshake (no client certificate under STRICT, an unknown CA, a
                 # plaintext request): the connection is closed, nothing reaches the app.
