@@ -24,6 +24,7 @@ monotonic clock; ``refresh()`` and ``refresh_async()`` do the I/O.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -36,13 +37,13 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 import httpx
-from jwt import PyJWK
-from jwt.algorithms import Algorithm, get_default_algorithms
-from jwt.exceptions import PyJWTError
 
 from meshware.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
+    from jwt import PyJWK
+    from jwt.algorithms import Algorithm
+
     from meshware.policy.jwt import JwtRule
 
 __all__ = [
@@ -79,9 +80,17 @@ SUPPORTED_ALGORITHMS: Final[frozenset[str]] = frozenset(
 )
 """Every algorithm name a rule may list. ``none`` is never among them."""
 
-_VERIFIERS: Final[Mapping[str, Algorithm]] = MappingProxyType(
-    {name: alg for name, alg in get_default_algorithms().items() if name in SUPPORTED_ALGORITHMS}
-)
+
+@functools.cache
+def _verifiers() -> Mapping[str, Algorithm]:
+    # pyjwt (and the cryptography it loads) is imported when a first key is parsed, so that a
+    # service without JWT rules does not carry it.
+    from jwt.algorithms import get_default_algorithms
+
+    return MappingProxyType(
+        {n: alg for n, alg in get_default_algorithms().items() if n in SUPPORTED_ALGORITHMS}
+    )
+
 
 # Which algorithms a key can verify follows from its type (and curve): an RSA key never
 # verifies an HS256 token, which is what defeats the HS/RS key-confusion attack.
@@ -118,7 +127,7 @@ class VerificationKey:
         jwk: pyjwt's parsed ``PyJWK``.
     """
 
-    __slots__ = ("_key", "algorithms", "jwk", "kid", "kty")
+    __slots__ = ("_key", "_verifiers", "algorithms", "jwk", "kid", "kty")
 
     def __init__(self, jwk: PyJWK, algorithms: frozenset[str]) -> None:
         self.jwk = jwk
@@ -126,6 +135,7 @@ class VerificationKey:
         self.kty: str = jwk.key_type or ""
         self.algorithms = algorithms
         self._key: Any = jwk.key
+        self._verifiers = _verifiers()
 
     def verify(self, algorithm: str, signing_input: bytes, signature: bytes) -> bool:
         """Return whether ``signature`` over ``signing_input`` is valid under ``algorithm``.
@@ -137,7 +147,7 @@ class VerificationKey:
         """
         if algorithm not in self.algorithms:
             return False
-        return _VERIFIERS[algorithm].verify(signing_input, self._key, signature)
+        return self._verifiers[algorithm].verify(signing_input, self._key, signature)
 
     def __repr__(self) -> str:
         return f"VerificationKey(kid={self.kid!r}, kty={self.kty!r})"
@@ -250,6 +260,9 @@ def _parse_key(
     usable = by_type & allowed
     if not usable:
         return None
+    from jwt import PyJWK
+    from jwt.exceptions import PyJWTError
+
     try:
         parsed = PyJWK(jwk, algorithm=min(usable))
     except (PyJWTError, ValueError, TypeError) as exc:
