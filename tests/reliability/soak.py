@@ -13,8 +13,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
-import re
 import ssl
 import sys
 import tempfile
@@ -27,14 +27,16 @@ from pathlib import Path
 import httpx
 
 from meshware.identity.ca import LocalCA
-from tests.redis_server import RedisServer
 from tests.reliability import SERVICES, client_context
+from tests.reliability.mesh_instances import kill_under_load
 from tests.reliability.test_faults import _storm, amplification_bound
+from tests.reliability.test_overload import overload as run_overload
+from tests.reliability.test_redis_outage import LIMIT
+from tests.reliability.test_redis_outage import redis_outage as run_redis_outage
 from tests.servers import PROCESSES, ROOT, free_port, meshware_serve
 
 DOC = ROOT / "docs" / "reliability.md"
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
-RATE_APP = "tests.server.mesh_apps:asgi_stack"
 BACKEND = "tests.integration.apps:backend"
 
 
@@ -51,12 +53,7 @@ class Row:
     ok: bool
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+TRIES = 3  # _storm's RetryPolicy(attempts=2): a request is tried at most three times
 
 
 def storm(scale: float, abort_percent: float) -> Row:
@@ -64,15 +61,26 @@ def storm(scale: float, abort_percent: float) -> Row:
     _ok, failed, attempts, seconds = asyncio.run(_storm(abort_percent, requests))
     bound = amplification_bound(requests, seconds)
     amplification = attempts / requests
-    expected_failed = 0 if abort_percent <= 5 else failed
+    # Absorbed does not mean none left: a request fails when all its tries draw a 503, one in
+    # (1/p)**TRIES. Under the budget nothing else fails, so at 5 % the failures stay within
+    # a few standard deviations of that (Poisson) expectation.
+    unlucky = requests * (abort_percent / 100) ** TRIES
+    allowed = math.floor(unlucky + 4 * math.sqrt(unlucky) + 1)
+    absorbing = abort_percent <= 5
+    outcome = f"amplification {amplification:.3f} (bound {bound:.3f}), {seconds:.1f} s"
+    if absorbing:
+        outcome += (
+            f"; {failed} failed, {unlucky:.1f} expected from all {TRIES} tries drawing a 503 "
+            f"(allowed {allowed})"
+        )
     return Row(
         f"{abort_percent:g}% 503s + 10% delays, retries with budget",
         requests,
         failed,
         0,
         0,
-        f"amplification {amplification:.3f} (bound {bound:.3f}), {seconds:.1f} s",
-        amplification <= bound and failed == expected_failed,
+        outcome,
+        amplification <= bound and (failed <= allowed if absorbing else failed > 0),
     )
 
 
@@ -158,113 +166,86 @@ def drain(scale: float, pki: Path) -> Row:
     )
 
 
+def kill_instance(scale: float, pki: Path) -> Row:
+    requests = max(800, int(10_000 * scale))
+    out = asyncio.run(kill_under_load(pki, requests=requests, workers=16, kill_after=requests // 3))
+    failed = {kind: len(lines) for kind, lines in out.failures.items()}
+    cut = [line.split(":")[0] for line in out.failures["unkeyed"]]
+    duplicated = out.repeated("unkeyed")
+    ok = (
+        failed["get"] == failed["keyed"] == 0
+        and duplicated == []
+        and all(out.executions[rid] <= 1 for rid in cut)
+        and out.lost() == []
+        and out.ejected == [out.victim]
+    )
+    retries = ", ".join(f"{n:g} {condition}" for condition, n in sorted(out.retries.items()))
+    return Row(
+        "SIGKILL 1 of 3 instances under 16 callers (GET, POST with and without Idempotency-Key)",
+        sum(out.sent.values()),
+        sum(failed.values()),
+        len(duplicated),
+        0,
+        f"killed after {out.killed_at}; {failed['get']} of {out.sent['get']} GETs and "
+        f"{failed['keyed']} of {out.sent['keyed']} keyed POSTs failed, "
+        f"{len(out.repeated('keyed'))} keyed POSTs repeated (safe); {len(cut)} unkeyed POSTs "
+        f"cut by the kill, executed {sum(out.executions[rid] for rid in cut)} times in all; "
+        f"ejected {'the victim' if out.ejected == [out.victim] else out.ejected}; "
+        f"retries: {retries or 'none'}; {out.seconds:.1f} s",
+        ok,
+    )
+
+
 def overload(scale: float, pki: Path) -> Row:
-    health = free_port()
-    env = {"MESH_TEST_BUNDLE": str(pki / "bundle.pem"), "MESH_TEST_RATE": "100/second"}
-    args = ["--health-port", str(health), "--no-access-log"]
-    seconds = max(3.0, 30 * scale)
-    codes: dict[int, int] = {}
-    errors = 0
-    probes: list[float] = []
-    with meshware_serve(RATE_APP, service="catalog", cert_dir=pki, env=env, args=args) as port:
-        pid = PROCESSES[port].pid
-        rss_start = _rss_kib(pid)
-        stop = threading.Event()
-        lock = threading.Lock()
-
-        def client() -> None:
-            nonlocal errors
-            with httpx.Client(verify=client_context(pki, "users"), timeout=10) as c:
-                while not stop.is_set():
-                    try:
-                        code = c.get(f"https://127.0.0.1:{port}/api/items/1").status_code
-                    except httpx.HTTPError:
-                        with lock:
-                            errors += 1
-                        continue
-                    with lock:
-                        codes[code] = codes.get(code, 0) + 1
-
-        threads = [threading.Thread(target=client) for _ in range(32)]
-        began = time.monotonic()
-        for t in threads:
-            t.start()
-        end = time.monotonic() + seconds
-        rss_peak = rss_start
-        while time.monotonic() < end:
-            started = time.monotonic()
-            with contextlib.suppress(httpx.HTTPError):
-                httpx.get(f"http://127.0.0.1:{health}/livez", timeout=5)
-            probes.append(time.monotonic() - started)
-            rss_peak = max(rss_peak, _rss_kib(pid))
-            time.sleep(0.2)
-        stop.set()
-        for t in threads:
-            t.join(10)
-        elapsed = time.monotonic() - began
-    sent = sum(codes.values()) + errors
-    probes.sort()
-    p99 = probes[int(len(probes) * 0.99) - 1] if probes else float("inf")
-    allowed = codes.get(200, 0)
-    capacity = 100 * elapsed + 100  # the rate over the run plus one burst
+    out = run_overload(pki, seconds=max(3.0, 30 * scale), callers=32, rate=100)
+    probes_ok = all(status == 200 for status, _ in out.probes)
+    latencies = sorted(seconds for _, seconds in out.probes)
+    p99 = latencies[max(0, int(len(latencies) * 0.99) - 1)] if latencies else float("inf")
     return Row(
         "32 clients against a 100/s limit",
-        sent,
-        errors,
+        out.sent,
+        len(out.errors),
         0,
         0,
-        f"{allowed} served (cap {capacity:.0f}), {codes.get(429, 0)} shed with 429; "
-        f"/livez p99 {p99 * 1000:.0f} ms; RSS {rss_start // 1024}->{rss_peak // 1024} MiB",
-        errors == 0 and allowed <= capacity and p99 < 0.5 and rss_peak < rss_start * 2,
+        out.summary(),
+        out.errors == []
+        and out.shed > 0
+        and out.codes[200] <= out.capacity
+        and probes_ok
+        and p99 < 0.5
+        and out.rss_peak < out.rss_start * 2,
     )
 
 
-def redis_outage(scale: float, pki: Path, work: Path) -> Row:
-    redis = RedisServer(work)
-    redis.start()
-    env = {
-        "MESH_TEST_BUNDLE": str(pki / "bundle.pem"),
-        "MESH_TEST_RATE": "5/minute",
-        "MESH_TEST_BACKEND": redis.url,
-    }
-    try:
-        with (
-            meshware_serve(RATE_APP, service="catalog", cert_dir=pki, env=env) as port,
-            httpx.Client(verify=client_context(pki, "users"), timeout=10) as c,
-        ):
-
-            def burst(n: int) -> list[int]:
-                return [
-                    c.get(f"https://127.0.0.1:{port}/api/items/1").status_code for _ in range(n)
-                ]
-
-            before = burst(7)
-            redis.stop()
-            during = burst(7)
-            metrics = c.get(f"https://127.0.0.1:{port}/metrics").text
-            redis.start()
-            time.sleep(0.5)
-            after = burst(7)
-    finally:
-        redis.stop()
-    match = re.search(
-        r'meshware_ratelimit_decisions_total\{[^}]*outcome="backend_error"[^}]*\} (\S+)', metrics
-    )
-    counted = float(match.group(1)) if match else 0.0
+def redis_outage(pki: Path, work: Path, mode: str) -> Row:
+    directory = work / f"redis-{mode}"
+    directory.mkdir()
+    out = run_redis_outage(pki, directory, mode)
+    limited = [200] * LIMIT + [429] * (len(out.before) - LIMIT)
     ok = (
-        before == [200] * 5 + [429] * 2
-        and during == [200] * 7  # fail-open, the default
-        and counted >= 7
-        and after.count(429) >= 2
+        out.before == limited
+        and out.during == out.expected_during
+        and len(out.refusals) == (1 if mode == "closed" else 0)
+        and out.unlimited_during == [200] * len(out.unlimited_during)
+        and out.backend_errors == len(out.during)
+        and len(out.log_lines) == 1
+        and f"failing {mode}" in out.log_lines[0]
+        and out.after == limited
+    )
+    during = (
+        f"{out.during.count(200)}x200 (admitted unlimited)"
+        if mode == "open"
+        else f"{out.during.count(503)}x503 on /api/, unlimited paths {out.unlimited_during.count(200)}x200"
     )
     return Row(
-        "stop Redis under a shared 5/minute limit (fail-open)",
-        21,
-        sum(1 for s in during if s != 200),
+        f"stop Redis under a shared {LIMIT}/minute limit (fail-{mode})",
+        out.sent,
+        sum(1 for s in out.during if s != 200),
         0,
-        0,
-        f"before {before.count(429)}x429; during {during.count(200)}x200, "
-        f"{counted:.0f} backend_error counted; after restart {after.count(429)}x429",
+        out.during.count(200) if mode == "closed" else 0,
+        f"before {out.before.count(429)}x429; during {during}, {out.backend_errors:.0f} "
+        f"backend_error counted, {len(out.log_lines)} log line; after restart "
+        f"{out.after.count(429)}x429 (recovered after {out.probes} probe)",
         ok,
     )
 
@@ -299,15 +280,17 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         pki = work / "pki"
         ca = LocalCA.init(pki)
-        for service in (*SERVICES, "backend", "catalog"):
+        for service in (*SERVICES, "backend", "catalog", "frontend"):
             ca.issue(service)
         scenarios: list[Callable[[], Row]] = [
             lambda: storm(args.scale, 5.0),
             lambda: storm(args.scale, 60.0),
             lambda: rotation(args.scale, pki),
             lambda: drain(args.scale, pki),
+            lambda: kill_instance(args.scale, pki),
             lambda: overload(args.scale, pki),
-            lambda: redis_outage(args.scale, pki, work),
+            lambda: redis_outage(pki, work, "open"),
+            lambda: redis_outage(pki, work, "closed"),
         ]
         rows = []
         for scenario in scenarios:

@@ -7,7 +7,8 @@
 - certificate rotation while traffic flows: no request fails.
 
 (The killed-instance scenario, outlier ejection with zero failures and no duplicated
-execution, runs in ``tests/integration/test_outbound_mesh.py`` and, longer, in the soak.)
+execution, is ``test_kill_instance.py``; the Redis outage is ``test_redis_outage.py`` and the
+overload ``test_overload.py``; the soak runs each of them longer.)
 """
 
 from __future__ import annotations
