@@ -26,7 +26,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -78,6 +78,9 @@ class BreakerPolicy:
         _check_positive_seconds(self.recovery_timeout, "recovery_timeout")
 
 
+_MAX_SOURCES = 1024
+
+
 def _every_exception(exc: BaseException) -> bool:
     return True
 
@@ -119,6 +122,7 @@ class CircuitBreaker:
     __slots__ = (
         "_clock",
         "_consecutive",
+        "_failing",
         "_failures",
         "_is_failure",
         "_lock",
@@ -152,6 +156,9 @@ class CircuitBreaker:
         self._probe_started = -math.inf
         self._consecutive = 0
         self._failures: deque[float] = deque(maxlen=self.policy.failure_threshold)
+        # When each source (endpoint) failed last, since the last success (consecutive
+        # counting) or within the window; bounded by the destination's endpoints.
+        self._failing: dict[Hashable, float] = {}
 
     def __repr__(self) -> str:
         return f"CircuitBreaker({self.destination!r}, state={self.state.value!r})"
@@ -222,13 +229,24 @@ class CircuitBreaker:
             state = self._state
             if state is BreakerState.CLOSED:
                 self._consecutive = 0
+                if self.policy.failure_window is None:
+                    self._failing.clear()
             elif state is BreakerState.HALF_OPEN:
                 self._close()
                 transition = (BreakerState.HALF_OPEN, BreakerState.CLOSED)
         self._notify(transition)
 
-    def on_failure(self) -> None:
-        """Report a call that failed. It may open the breaker (or re-open a half-open one)."""
+    def on_failure(self, source: Hashable = None, *, sources: int = 1) -> None:
+        """Report a call that failed. It may open the breaker (or re-open a half-open one).
+
+        Args:
+            source: what failed, such as the endpoint the call went to.
+            sources: how many distinct sources must be among the counted failures for the
+                breaker to open (the healthy endpoints the call could have gone to). The
+                breaker stands for the whole destination: one bad endpoint among several
+                is outlier detection's business, and a burst of calls that were in flight
+                on it when it died must not shut the healthy ones off too.
+        """
         transition = None
         with self._lock:
             state = self._state
@@ -236,13 +254,24 @@ class CircuitBreaker:
             if state is BreakerState.CLOSED:
                 window = self.policy.failure_window
                 threshold = self.policy.failure_threshold
+                failing = self._failing
+                failing[source] = now
                 if window is None:
                     self._consecutive += 1
-                    tripped = self._consecutive >= threshold
+                    tripped = self._consecutive >= threshold and len(failing) >= sources
                 else:
+                    if len(failing) > _MAX_SOURCES:  # endpoints come and go: forget old ones
+                        self._failing = failing = {
+                            key: at for key, at in failing.items() if now - at <= window
+                        }
                     failures = self._failures
                     failures.append(now)
                     tripped = len(failures) == threshold and now - failures[0] <= window
+                    if tripped and sources > 1:
+                        recent = [key for key, at in failing.items() if now - at <= window]
+                        if len(recent) < len(failing):
+                            self._failing = {key: failing[key] for key in recent}
+                        tripped = len(recent) >= sources
                 if tripped:
                     self._open(now)
                     transition = (BreakerState.CLOSED, BreakerState.OPEN)
@@ -304,12 +333,14 @@ class CircuitBreaker:
         self._probe_in_flight = False
         self._consecutive = 0
         self._failures.clear()
+        self._failing.clear()
 
     def _close(self) -> None:
         self._state = BreakerState.CLOSED
         self._probe_in_flight = False
         self._consecutive = 0
         self._failures.clear()
+        self._failing.clear()
 
     def _notify(self, transition: tuple[BreakerState, BreakerState] | None) -> None:
         if transition is not None and self._on_state_change is not None:

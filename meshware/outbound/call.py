@@ -50,6 +50,8 @@ class CallPlan:
         attempt: 0 for the first try, then 1, 2, ... (retry layer).
         tried: endpoint keys already tried, so a retry prefers another (balancing layer).
         endpoint: the endpoint picked for the current attempt (balancing layer).
+        choices: how many healthy endpoints that pick was made among (balancing layer); the
+            destination's circuit breaker opens only on failures from as many endpoints.
         mirrored: the subset this call was mirrored to, if any (routing layer).
         fault: the fault injected into this call, if any: ``"delay"`` or ``"abort"``.
     """
@@ -64,6 +66,7 @@ class CallPlan:
     attempt: int = 0
     tried: set[str] = field(default_factory=set)
     endpoint: Endpoint | None = None
+    choices: int = 1
     mirrored: str | None = None
     fault: str | None = None
 

@@ -147,6 +147,7 @@ class _BalancingCore:
         balancer = cluster.balancer
         endpoint = balancer.pick(healthy, ctx)
         plan.endpoint = endpoint
+        plan.choices = len(healthy)
         tls = cluster.tls
         original = request.url
         request.url = endpoint_url(original, "https" if tls.encrypted else "http", endpoint)

@@ -12,7 +12,9 @@ layer chose):
    body is closed;
 3. the connect timeout is capped at the rule's ``connectionPool.tcp.connectTimeout``;
 4. the outcome is reported: to the breaker (a failure is a connect failure, a reset, a
-   timeout, or a response whose status is in ``failure_statuses``, by default any 5xx) and,
+   timeout, or a response whose status is in ``failure_statuses``, by default any 5xx; the
+   breaker opens only when the failures it counts came from every healthy endpoint the
+   balancer chose among, so one dying instance is left to outlier detection) and,
    for the endpoint the balancing layer picked, to the cluster's outlier detector, as Envoy
    classifies it: the status of a response (5xx and gateway errors count), or a
    local-origin failure (connect failure, reset, timeout) when no response came.
@@ -43,6 +45,11 @@ from meshware.outbound.transports import (
 )
 
 __all__ = ["AsyncBreakerTransport", "BreakerTransport"]
+
+
+def _source(plan: CallPlan) -> str | None:
+    endpoint = plan.endpoint
+    return None if endpoint is None else endpoint.key
 
 
 class _BreakerCore:
@@ -99,7 +106,7 @@ class _BreakerCore:
         local_origin = isinstance(exc, Exception) and error_kind(exc) is not None
         if breaker is not None:
             if local_origin:
-                breaker.on_failure()
+                breaker.on_failure(_source(plan), sources=plan.choices)
             else:
                 breaker.release()
         detector = cluster.detector
@@ -111,7 +118,7 @@ class _BreakerCore:
         breaker = cluster.breaker
         if breaker is not None:
             if status in self.failure_statuses:
-                breaker.on_failure()
+                breaker.on_failure(_source(plan), sources=plan.choices)
             else:
                 breaker.on_success()
         detector = cluster.detector

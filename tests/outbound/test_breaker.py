@@ -91,6 +91,57 @@ def test_windowed_failures_spread_out_do_not_open() -> None:
     assert state(breaker) is BreakerState.CLOSED
 
 
+def test_failures_of_one_endpoint_among_several_do_not_open() -> None:
+    breaker, _, _ = make(threshold=3)
+    for _ in range(10):
+        breaker.on_failure("10.0.0.2:8443", sources=3)  # one dying endpoint of three
+    assert state(breaker) is BreakerState.CLOSED
+    breaker.on_failure("10.0.0.1:8443", sources=3)
+    assert state(breaker) is BreakerState.CLOSED  # two of three
+    breaker.on_failure("10.0.0.3:8443", sources=3)
+    assert state(breaker) is BreakerState.OPEN  # every endpoint failed, 12 in a row
+
+
+def test_a_success_forgets_which_endpoints_failed() -> None:
+    breaker, _, _ = make(threshold=2)
+    breaker.on_failure("a", sources=2)
+    breaker.on_failure("a", sources=2)
+    breaker.on_success()
+    breaker.on_failure("b", sources=2)
+    assert state(breaker) is BreakerState.CLOSED  # "a" failed before the success
+    breaker.on_failure("a", sources=2)
+    assert state(breaker) is BreakerState.OPEN
+
+
+def test_a_single_endpoint_destination_opens_as_before() -> None:
+    breaker, _, _ = make(threshold=3)
+    for _ in range(3):
+        breaker.on_failure("10.0.0.1:8443", sources=1)
+    assert state(breaker) is BreakerState.OPEN
+
+
+def test_windowed_failures_must_span_the_endpoints_within_the_window() -> None:
+    breaker, clock, _ = make(threshold=3, window=10.0)
+    breaker.on_failure("a", sources=2)
+    clock.now += 20.0  # "a" is out of the window now
+    breaker.on_failure("b", sources=2)
+    breaker.on_failure("b", sources=2)
+    breaker.on_failure("b", sources=2)
+    assert state(breaker) is BreakerState.CLOSED
+    clock.now += 1.0
+    breaker.on_failure("a", sources=2)
+    assert state(breaker) is BreakerState.OPEN
+
+
+def test_a_half_open_probe_that_fails_reopens_whatever_its_source() -> None:
+    breaker, clock, _ = make(threshold=1, recovery=5.0)
+    breaker.on_failure("a", sources=1)
+    clock.now += 5.0
+    assert breaker.allow()  # the probe
+    breaker.on_failure("b", sources=3)
+    assert state(breaker) is BreakerState.OPEN
+
+
 def test_open_breaker_refuses_with_circuit_open() -> None:
     breaker, clock, _ = make(threshold=1, recovery=30.0)
     breaker.on_failure()

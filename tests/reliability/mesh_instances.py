@@ -30,7 +30,6 @@ import httpx
 
 from meshware.exceptions import MeshwareError
 from meshware.introspection import Introspection, outbound_state_of
-from meshware.outbound.breaker import BreakerPolicy
 from meshware.outbound.client import OutboundConfig, mesh_client
 from meshware.outbound.destination import DestinationRule
 from meshware.outbound.discovery import StaticRegistry
@@ -213,12 +212,7 @@ async def kill_under_load(
             cert_dir=pki,
             resolver=resolver,
             destinations=(OUTLIER_RULE,),
-            retry=RETRY,
-            # The default breaker opens after 5 consecutive failures of the whole destination:
-            # 5 calls in flight on the one dead instance failing together open it, and the
-            # two live instances are refused for 30 s. Above the calls that can be in flight,
-            # it keeps to what it is for: every endpoint failing at once.
-            breaker=BreakerPolicy(failure_threshold=4 * workers),
+            retry=RETRY,  # the default circuit breaker: it must not open for one dead instance
             metrics=metrics,
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=workers),
         )

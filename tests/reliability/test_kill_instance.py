@@ -4,20 +4,33 @@ the soak runs it longer).
 Three ``meshware serve`` instances of ``catalog``; the edge's ``mesh_client`` (retries on
 ``5xx,reset,connect-failure``, outlier detection ejecting on the first gateway error) sends
 GETs and POSTs, some with an ``Idempotency-Key``, from eight concurrent callers; one instance
-is killed mid-load. (The client's breaker threshold is raised above the calls in flight: see
-``mesh_instances.kill_under_load``.) Counted at the servers, by ``x-request-id``, from each instance's own
-request log (the killed one's included): what was executed, and how many times.
+is killed mid-load; the client's circuit breaker is the default one. Counted at the servers,
+by ``x-request-id``, from each instance's own request log (the killed one's included): what
+was executed, and how many times.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
+from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
 
 from meshware.identity.ca import LocalCA
-from tests.reliability.mesh_instances import KillOutcome, kill_under_load
+from meshware.outbound.client import OutboundConfig, mesh_client
+from tests.reliability.mesh_instances import (
+    OUTLIER_RULE,
+    RETRY,
+    KillOutcome,
+    kill,
+    kill_under_load,
+    registry,
+    start,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -86,3 +99,37 @@ def test_the_killed_endpoint_is_ejected(outcome: KillOutcome) -> None:
     # in flight at the kill.
     assert outcome.retries
     assert set(outcome.retries) <= {"connect-failure", "reset", "5xx"}
+
+
+async def _burst_on_a_dying_instance(pki: Path) -> tuple[Counter[str], Counter[str]]:
+    with contextlib.ExitStack() as stack:
+        instances = [start(stack, pki, "catalog", f"b{n}") for n in (1, 2, 3)]
+        config = OutboundConfig(
+            service="frontend",
+            cert_dir=pki,
+            resolver=registry(instances),
+            destinations=(OUTLIER_RULE,),
+            retry=RETRY,
+        )
+        async with mesh_client(config, rng=random.Random(1)) as client:
+
+            async def get(path: str) -> str:
+                try:
+                    return str((await client.get(f"http://catalog{path}")).status_code)
+                except httpx.TransportError as exc:
+                    return type(exc).__name__
+
+            slow = [asyncio.create_task(get("/items?sleep=1")) for _ in range(15)]
+            await asyncio.sleep(0.5)  # about 5 of the 15 are in flight on the victim
+            await asyncio.to_thread(kill, instances[1])
+            in_flight = Counter(await asyncio.gather(*slow))
+            after = Counter(await asyncio.gather(*(get("/items") for _ in range(20))))
+    return in_flight, after
+
+
+def test_the_default_breaker_leaves_one_dead_instance_to_outlier_detection(pki: Path) -> None:
+    # The calls that were in flight on the killed instance fail together; the destination's
+    # breaker must not take them for the whole destination failing.
+    in_flight, after = asyncio.run(_burst_on_a_dying_instance(pki))
+    assert after == Counter({"200": 20}), after
+    assert "CircuitOpen" not in in_flight, in_flight
