@@ -9,7 +9,8 @@ Three pieces, all free of any web framework:
 - ``HealthReport`` is the outcome of one evaluation, renderable as a body in the format of the
   IETF health-check draft (``draft-inadarei-api-health-check``, ``application/health+json``).
 - ``HealthResponder`` turns ``(method, path, query)`` into a ``HealthResponse`` (status code,
-  headers, body). The ASGI and WSGI ``HealthMiddleware`` shells only write that response out.
+  headers, body). The ASGI and WSGI ``HealthMiddleware`` shells only write that response out;
+  ``HealthMiddlewareBase`` holds the arguments and state they share.
 
 A check is any callable taking no arguments, plain or ``async``. It passes by returning ``None``
 or ``True``, fails by returning ``False`` or raising, and may return a ``(status, detail)`` pair
@@ -32,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from meshware.exceptions import ConfigurationError
 
@@ -44,6 +45,7 @@ __all__ = [
     "CheckStatus",
     "HealthCheck",
     "HealthChecks",
+    "HealthMiddlewareBase",
     "HealthReport",
     "HealthResponder",
     "HealthResponse",
@@ -893,3 +895,68 @@ class HealthResponder:
             return self._not_allowed
         report = self.checks.evaluate_sync(kind)
         return self.render(report, method=method, verbose=wants_verbose(query))
+
+
+_App = TypeVar("_App")
+
+
+class HealthMiddlewareBase(Generic[_App]):
+    """What the ASGI and the WSGI ``HealthMiddleware`` share: their arguments and the
+    ``HealthResponder`` that answers ``live_path`` and ``ready_path``.
+
+    ``GET``/``HEAD`` on ``live_path`` or ``ready_path`` is answered directly with an
+    ``application/health+json`` body (add ``?verbose`` for per-check details); other methods
+    on those paths get 405. Every other request goes to ``app`` untouched.
+
+    Args:
+        app: the application to wrap.
+        checks: the registry of checks and the readiness state; a new empty one when
+            ``None``. Available afterwards as ``middleware.checks``.
+        live_path: the liveness path.
+        ready_path: the readiness path.
+        service_id: ``"serviceId"`` in health bodies, or ``None`` to leave it out.
+        version: ``"version"`` in health bodies, or ``None``.
+        release_id: ``"releaseId"`` in health bodies, or ``None``.
+        ready_on_start: mark the service ready once it has started; each shell says when
+            that is. Pass ``False`` to call ``checks.mark_ready()`` yourself, e.g. after
+            warming caches.
+
+    Raises:
+        ConfigurationError: if a path or a metadata value is invalid (see
+            ``HealthResponder``).
+
+    Attributes:
+        paths: the health paths as a frozenset, for outer layers (telemetry) that skip them.
+        checks: the ``HealthChecks`` in use.
+    """
+
+    def __init__(
+        self,
+        app: _App,
+        *,
+        checks: HealthChecks | None = None,
+        live_path: str = "/livez",
+        ready_path: str = "/readyz",
+        service_id: str | None = None,
+        version: str | None = None,
+        release_id: str | None = None,
+        ready_on_start: bool = True,
+    ) -> None:
+        self.app = app
+        self.checks = checks if checks is not None else HealthChecks()
+        self._responder = HealthResponder(
+            self.checks,
+            live_path=live_path,
+            ready_path=ready_path,
+            service_id=service_id,
+            version=version,
+            release_id=release_id,
+        )
+        self.paths: frozenset[str] = self._responder.paths
+        self._apply_ready_on_start(ready_on_start)
+
+    def _apply_ready_on_start(self, ready_on_start: bool) -> None:
+        """Apply ``ready_on_start``; here the service has started once its middleware is
+        built. A shell that learns of the start later overrides this."""
+        if ready_on_start:
+            self.checks.mark_ready()

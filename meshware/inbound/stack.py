@@ -11,15 +11,28 @@ one order, outermost first::
     telemetry -> health -> deadline -> identity -> jwt -> authz -> ratelimit -> app
 
 A layer whose configuration is empty is left out entirely. See ``docs/inbound-stack.md``.
+
+The two builders differ only in their middleware classes: :func:`layer_specs` plans the
+layers and their arguments, :func:`assemble_stack` builds them, and :class:`MeshStackBase` is
+what both ``MeshStack`` classes share.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Final,
+    Generic,
+    NamedTuple,
+    TypeAlias,
+    TypeVar,
+)
 
 from meshware.exceptions import ConfigurationError
 from meshware.identity.bundle import PeerVerifier, TrustBundles
@@ -40,7 +53,17 @@ if TYPE_CHECKING:
 
     from meshware.state.base import RateLimitBackend
 
-__all__ = ["LAYERS", "BundleSource", "InboundConfig", "StackParts", "build_parts"]
+__all__ = [
+    "LAYERS",
+    "BundleSource",
+    "InboundConfig",
+    "LayerSpec",
+    "MeshStackBase",
+    "StackParts",
+    "assemble_stack",
+    "build_parts",
+    "layer_specs",
+]
 
 BundleSource: TypeAlias = "str | os.PathLike[str] | TrustBundles | Callable[[], TrustBundles]"
 """Where the identity layer gets its trust bundles: a PEM file's path (read once, when the
@@ -49,6 +72,9 @@ the bundles in force (a reloading source, as ``meshware serve`` passes)."""
 
 LAYERS: Final = ("telemetry", "health", "deadline", "identity", "jwt", "authz", "ratelimit")
 """The layers of the inbound stack, outermost first."""
+
+# The health layer's paths in a stack; the telemetry layer skips them.
+_HEALTH_PATHS: Final = ("/livez", "/readyz")
 
 
 def _type_name(value: object) -> str:
@@ -234,7 +260,7 @@ class InboundConfig:
             raise ConfigurationError(
                 'expected a path starting with "/" or None', field="metrics_path", value=path
             )
-        if self.health is not None and path in ("/livez", "/readyz"):
+        if self.health is not None and path in _HEALTH_PATHS:
             raise ConfigurationError(
                 "collides with a health path (/livez, /readyz)", field="metrics_path", value=path
             )
@@ -381,3 +407,209 @@ def build_parts(
         )
         parts.propagator = build_propagator(config.tracing.propagators)
     return parts
+
+
+class LayerSpec(NamedTuple):
+    """One layer of a stack to build: which middleware, and what to pass it.
+
+    Attributes:
+        name: the layer's name, one of :data:`LAYERS`; both shells have a middleware for it.
+        arguments: the keyword arguments that middleware takes after the application it wraps
+            (the same for the ASGI and the WSGI middleware of a name).
+    """
+
+    name: str
+    arguments: Mapping[str, Any]
+
+
+def layer_specs(config: InboundConfig, parts: StackParts) -> tuple[LayerSpec, ...]:
+    """The layers of a stack, innermost first (the order to wrap the application in).
+
+    Args:
+        config: the inbound configuration.
+        parts: its neutral parts, from :func:`build_parts`; ``parts.layers`` says which layers
+            there are.
+    """
+    present = parts.layers
+    specs: list[LayerSpec] = []
+    if "ratelimit" in present:
+        specs.append(LayerSpec("ratelimit", {"limiter": parts.limiter, "routes": config.routes}))
+    if "authz" in present:
+        specs.append(
+            LayerSpec(
+                "authz",
+                {
+                    "authorizer": parts.authorizer,
+                    "routes": config.routes,
+                    "explain": config.explain_denials,
+                },
+            )
+        )
+    if "jwt" in present:
+        specs.append(LayerSpec("jwt", {"authenticator": parts.authenticator}))
+    if "identity" in present and parts.resolver is not None:
+        specs.append(
+            LayerSpec(
+                "identity",
+                {"resolver": parts.resolver, "require_identity": config.require_identity},
+            )
+        )
+    if "deadline" in present:
+        specs.append(
+            LayerSpec(
+                "deadline",
+                {"default_timeout": config.default_timeout, "max_timeout": config.max_timeout},
+            )
+        )
+    skip_paths: frozenset[str] = frozenset()
+    if "health" in present:
+        live_path, ready_path = _HEALTH_PATHS
+        specs.append(
+            LayerSpec(
+                "health",
+                {
+                    "checks": config.health,
+                    "live_path": live_path,
+                    "ready_path": ready_path,
+                    "service_id": config.service,
+                    "version": config.version,
+                },
+            )
+        )
+        skip_paths = frozenset(_HEALTH_PATHS)
+    if "telemetry" in present:
+        specs.append(
+            LayerSpec(
+                "telemetry",
+                {
+                    "workload": parts.workload,
+                    "metrics": config.metrics,
+                    "tracer_provider": parts.tracer_provider,
+                    "propagator": parts.propagator,
+                    "access_log": config.access_log,
+                    "metrics_path": config.metrics_path,
+                    "skip_paths": skip_paths,
+                },
+            )
+        )
+    return tuple(specs)
+
+
+_App = TypeVar("_App")
+
+
+class MeshStackBase(Generic[_App]):
+    """What the ASGI and the WSGI ``MeshStack`` share: an application wrapped in the inbound
+    mesh, and the parts of the mesh it exposes. Each shell adds how it is called and closed.
+
+    Attributes:
+        app: the user's application, innermost.
+        config: the configuration the stack was built from.
+        layers: the middleware instances, outermost first.
+        metrics: the :class:`~meshware.telemetry.metrics.MeshMetrics`, or ``None``.
+        health: the :class:`~meshware.inbound.health.HealthChecks` behind ``/livez`` and
+            ``/readyz``, or ``None``; register checks on it.
+        resolver: the identity layer's
+            :class:`~meshware.identity.resolve.IdentityResolver`, or ``None``.
+        authenticator: the JWT layer's :class:`~meshware.policy.jwt.JwtAuthenticator`, or
+            ``None``.
+        authorizer: the service-wide :class:`~meshware.policy.authz.Authorizer`, or ``None``.
+        limiter: the :class:`~meshware.policy.ratelimit.RateLimiter`, or ``None``.
+        routes: the :class:`~meshware.inbound.routes.RouteResolver`, or ``None``.
+        tracer_provider: the tracer provider built from ``config.tracing``, or ``None``.
+    """
+
+    __meshware_stack__: ClassVar[bool] = True
+    """Marks a stack, so that ``meshware serve`` does not add a second identity layer."""
+
+    __slots__ = (
+        "_entry",
+        "app",
+        "authenticator",
+        "authorizer",
+        "config",
+        "health",
+        "layers",
+        "limiter",
+        "metrics",
+        "resolver",
+        "routes",
+        "tracer_provider",
+    )
+
+    def __init__(
+        self,
+        *,
+        app: _App,
+        entry: _App,
+        config: InboundConfig,
+        layers: tuple[Any, ...],
+        resolver: IdentityResolver | None,
+        authenticator: JwtAuthenticator | None,
+        authorizer: Authorizer | None,
+        limiter: RateLimiter | None,
+        tracer_provider: TracerProvider | None,
+    ) -> None:
+        self.app = app
+        self._entry = entry
+        self.config = config
+        self.layers = layers
+        self.metrics: MeshMetrics | None = config.metrics
+        self.health: HealthChecks | None = config.health if "health" in config.layers() else None
+        self.resolver = resolver
+        self.authenticator = authenticator
+        self.authorizer = authorizer
+        self.limiter = limiter
+        self.routes: RouteResolver | None = config.routes
+        self.tracer_provider = tracer_provider
+
+    def __repr__(self) -> str:
+        names = " -> ".join(type(layer).__name__ for layer in self.layers)
+        return f"<MeshStack {self.config.service}: {names or 'no layers'} -> {self.app!r}>"
+
+
+_Stack = TypeVar("_Stack", bound=MeshStackBase[Any])
+
+
+def assemble_stack(
+    stack: type[_Stack],
+    middleware: Mapping[str, Callable[..., _App]],
+    app: _App,
+    config: InboundConfig,
+    *,
+    rate_limit_backend: RateLimitBackend | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> _Stack:
+    """Build a stack of one shell: ``build_asgi_stack`` and ``build_wsgi_stack`` in full.
+
+    Args:
+        stack: the shell's ``MeshStack`` class.
+        middleware: the shell's middleware class of each name in :data:`LAYERS`.
+        app: the application to wrap.
+        config: the inbound configuration.
+        rate_limit_backend: passed to :func:`build_parts`.
+        tracer_provider: passed to :func:`build_parts`.
+
+    Raises:
+        ConfigurationError: as :func:`build_parts`.
+    """
+    parts = build_parts(
+        config, rate_limit_backend=rate_limit_backend, tracer_provider=tracer_provider
+    )
+    entry = app
+    layers: list[_App] = []
+    for spec in layer_specs(config, parts):
+        entry = middleware[spec.name](entry, **spec.arguments)
+        layers.append(entry)
+    layers.reverse()
+    return stack(
+        app=app,
+        entry=entry,
+        config=config,
+        layers=tuple(layers),
+        resolver=parts.resolver,
+        authenticator=parts.authenticator,
+        authorizer=parts.authorizer,
+        limiter=parts.limiter,
+        tracer_provider=parts.tracer_provider,
+    )

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from meshware.inbound.health import HealthChecks, HealthResponder, HealthResponse
+from meshware.inbound.health import HealthMiddlewareBase, HealthResponse
 
 __all__ = ["HealthMiddleware"]
 
@@ -25,13 +25,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 logger = logging.getLogger("meshware.health")
 
 
-class HealthMiddleware:
+class HealthMiddleware(HealthMiddlewareBase[ASGIApp]):
     """Pure-ASGI middleware that serves the liveness and readiness endpoints.
 
-    ``GET``/``HEAD`` on ``live_path`` or ``ready_path`` is answered directly with an
-    ``application/health+json`` body (add ``?verbose`` for per-check details); other methods
-    on those paths get 405. Every other request, and every websocket, goes to ``app``
-    untouched.
+    Takes the arguments of :class:`~meshware.inbound.health.HealthMiddlewareBase` (``app``: the
+    ASGI application to wrap) and answers the health paths as it describes. Every other
+    request, and every websocket, goes to ``app`` untouched.
 
     Readiness follows the ASGI lifespan protocol: the state becomes ``READY`` when ``app``
     sends ``lifespan.startup.complete``, and ``DRAINING`` when the server sends
@@ -39,52 +38,11 @@ class HealthMiddleware:
     raises or returns before reading the first lifespan message), the middleware marks the
     service ready and completes the lifespan protocol on its behalf, so draining still
     works. If the server never runs lifespan at all (``uvicorn --lifespan off``), the
-    service becomes ready with the first request.
-
-    Args:
-        app: the ASGI application to wrap.
-        checks: the registry of checks and the readiness state; a new empty one when
-            ``None``. Available afterwards as ``middleware.checks``.
-        live_path: the liveness path.
-        ready_path: the readiness path.
-        service_id: ``"serviceId"`` in health bodies, or ``None`` to leave it out.
-        version: ``"version"`` in health bodies, or ``None``.
-        release_id: ``"releaseId"`` in health bodies, or ``None``.
-        ready_on_start: mark the service ready once the application has started (as above).
-            Pass ``False`` to call ``checks.mark_ready()`` yourself, e.g. after warming caches.
-
-    Raises:
-        ConfigurationError: if a path or a metadata value is invalid (see
-            ``meshware.inbound.health.HealthResponder``).
-
-    Attributes:
-        paths: the health paths as a frozenset, for outer layers (telemetry) that skip them.
-        checks: the ``HealthChecks`` in use.
+    service becomes ready with the first request. With ``ready_on_start=False`` none of this
+    marks it ready: call ``checks.mark_ready()`` yourself; draining still follows lifespan.
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        checks: HealthChecks | None = None,
-        live_path: str = "/livez",
-        ready_path: str = "/readyz",
-        service_id: str | None = None,
-        version: str | None = None,
-        release_id: str | None = None,
-        ready_on_start: bool = True,
-    ) -> None:
-        self.app = app
-        self.checks = checks if checks is not None else HealthChecks()
-        self._responder = HealthResponder(
-            self.checks,
-            live_path=live_path,
-            ready_path=ready_path,
-            service_id=service_id,
-            version=version,
-            release_id=release_id,
-        )
-        self.paths: frozenset[str] = self._responder.paths
+    def _apply_ready_on_start(self, ready_on_start: bool) -> None:
         self._ready_on_start = ready_on_start
         # True until the first lifespan scope or request: a server without lifespan support
         # sends a request first, and serving requests means it has started.

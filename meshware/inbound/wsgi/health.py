@@ -14,7 +14,7 @@ from http import HTTPStatus
 from types import FrameType, TracebackType
 from typing import Any, Protocol, TypeAlias
 
-from meshware.inbound.health import HealthChecks, HealthResponder
+from meshware.inbound.health import HealthChecks, HealthMiddlewareBase
 
 __all__ = ["HealthMiddleware", "gunicorn_hooks"]
 
@@ -38,61 +38,17 @@ WSGIApp: TypeAlias = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 _STATUS_LINES = {code: f"{code} {HTTPStatus(code).phrase}" for code in (200, 405, 503)}
 
 
-class HealthMiddleware:
+class HealthMiddleware(HealthMiddlewareBase[WSGIApp]):
     """WSGI middleware that serves the liveness and readiness endpoints.
 
-    ``GET``/``HEAD`` on ``live_path`` or ``ready_path`` (matched against ``PATH_INFO``) is
-    answered directly with an ``application/health+json`` body (add ``?verbose`` for
-    per-check details); other methods on those paths get 405. Every other request goes to
-    ``app`` untouched, after a single set lookup.
+    Takes the arguments of :class:`~meshware.inbound.health.HealthMiddlewareBase` (``app``: the
+    WSGI application to wrap) and answers the health paths, matched against ``PATH_INFO``, as
+    it describes. Every other request goes to ``app`` untouched, after a single set lookup.
 
-    Args:
-        app: the WSGI application to wrap.
-        checks: the registry of checks and the readiness state; a new empty one when
-            ``None``. Available afterwards as ``middleware.checks``.
-        live_path: the liveness path.
-        ready_path: the readiness path.
-        service_id: ``"serviceId"`` in health bodies, or ``None`` to leave it out.
-        version: ``"version"`` in health bodies, or ``None``.
-        release_id: ``"releaseId"`` in health bodies, or ``None``.
-        ready_on_start: mark the service ready now, when the middleware is built (the
-            application is loaded by then). Pass ``False`` to call ``checks.mark_ready()``
-            yourself, e.g. after warming caches.
-
-    Raises:
-        ConfigurationError: if a path or a metadata value is invalid (see
-            ``meshware.inbound.health.HealthResponder``).
-
-    Attributes:
-        paths: the health paths as a frozenset, for outer layers (telemetry) that skip them.
-        checks: the ``HealthChecks`` in use.
+    ``ready_on_start`` marks the service ready now, when the middleware is built (the
+    application is loaded by then). Pass ``False`` to call ``checks.mark_ready()`` yourself,
+    e.g. after warming caches.
     """
-
-    def __init__(
-        self,
-        app: WSGIApp,
-        *,
-        checks: HealthChecks | None = None,
-        live_path: str = "/livez",
-        ready_path: str = "/readyz",
-        service_id: str | None = None,
-        version: str | None = None,
-        release_id: str | None = None,
-        ready_on_start: bool = True,
-    ) -> None:
-        self.app = app
-        self.checks = checks if checks is not None else HealthChecks()
-        self._responder = HealthResponder(
-            self.checks,
-            live_path=live_path,
-            ready_path=ready_path,
-            service_id=service_id,
-            version=version,
-            release_id=release_id,
-        )
-        self.paths: frozenset[str] = self._responder.paths
-        if ready_on_start:
-            self.checks.mark_ready()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
