@@ -221,6 +221,7 @@ def mesh_transport(
         cert_dir=config.cert_dir,
         server_ids=dict(config.server_ids),
         passthrough=passthrough,
+        state=parts.state,
         clock=clock,
         **_limits(config),
     )
@@ -271,6 +272,7 @@ def mesh_sync_transport(
         cert_dir=config.cert_dir,
         server_ids=dict(config.server_ids),
         passthrough=passthrough,
+        state=parts.state,
         clock=clock,
         **_limits(config),
     )

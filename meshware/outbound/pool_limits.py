@@ -59,13 +59,16 @@ class ConnectionPoolLimits:
             (``http.http1MaxPendingRequests``; default :data:`UNLIMITED`). ``0`` means no
             queue: a call that finds no free slot is shed at once.
         max_requests_per_connection: requests one connection may carry before it is closed
-            (``http.maxRequestsPerConnection``); ``None`` (or ``0``) for no limit. Applied
-            by the transport that owns the connections, not by the limiter.
+            and the next call opens a new one (``http.maxRequestsPerConnection``; ``1``
+            turns keep-alive off); ``None`` (or ``0``) for no limit. Applied by the
+            connection layer (:mod:`meshware.outbound.transport_connection`), not by the
+            limiter.
         connect_timeout: seconds allowed to open a connection (``tcp.connectTimeout``,
             default 10 s).
-        idle_timeout: seconds an idle connection is kept (``http.idleTimeout``); ``None``
-            keeps httpx's own default (5 s) rather than Istio's 1 h, because servers close
-            idle connections well before an hour.
+        idle_timeout: seconds an idle connection is kept (``http.idleTimeout``), applied by
+            the connection layer; ``None`` keeps the transport's own keep-alive expiry
+            (httpx's 5 s by default) rather than Istio's 1 h, because servers close idle
+            connections well before an hour.
 
     Raises:
         ConfigurationError: a value is out of range (names the field).
@@ -148,8 +151,18 @@ class ConnectionPoolLimits:
                 )
         return cls(**values)
 
+    @property
+    def per_connection(self) -> tuple[int | None, float | None] | None:
+        """``(max_requests_per_connection, idle_timeout)``, the settings that shape each
+        connection rather than the calls in flight; ``None`` when neither is set."""
+        if self.max_requests_per_connection is None and self.idle_timeout is None:
+            return None
+        return (self.max_requests_per_connection, self.idle_timeout)
+
     def httpx_limits(self) -> httpx.Limits:
-        """The matching :class:`httpx.Limits` for the transport's connection pool."""
+        """The matching :class:`httpx.Limits`, for an httpx transport of your own
+        (``max_connections`` and ``idle_timeout``; httpx has no per-connection request limit,
+        which meshware's connection layer applies itself)."""
         max_connections = None if self.max_connections == UNLIMITED else self.max_connections
         if self.idle_timeout is None:
             return httpx.Limits(max_connections=max_connections)

@@ -27,19 +27,34 @@ Everything else — calls to hosts that are not mesh services, and mesh calls in
 (``tls.mode: DISABLE``) — goes through a plain :class:`httpx.HTTPTransport`. Without a
 certificate (``cert_dir`` and ``paths`` both ``None``) the transport is in plaintext mode and
 refuses mesh calls that ask for TLS.
+
+Given the client's :class:`~meshware.outbound.transports.OutboundState`, the transport also
+applies the two settings of a cluster's ``connectionPool`` that are about connections rather
+than calls (Envoy's semantics):
+
+- ``http.maxRequestsPerConnection``: a connection carries at most that many requests, then
+  it is closed and the next call opens a new one (``1`` turns keep-alive off). Such a pool
+  speaks HTTP/1.1 only, even with ``http2``: httpcore's HTTP/2 connections cannot be retired
+  after a number of streams;
+- ``http.idleTimeout``: a connection idle for longer is closed instead of reused (httpcore's
+  keep-alive expiry; without it, ``limits.keepalive_expiry``).
+
+Calls whose cluster sets either get pools of their own, mTLS or plaintext (a plaintext mesh
+call with neither still goes through the plain transport, as does every plaintext mesh call
+when ``passthrough`` is given: that transport owns those connections).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import ssl
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final, Generic, TypeVar, cast
 
 import httpcore
 import httpx
@@ -48,14 +63,16 @@ from meshware.exceptions import CertificateRejected, ConfigurationError, Invalid
 from meshware.identity.bundle import PeerVerifier, TrustBundles
 from meshware.identity.ca import ServicePaths
 from meshware.identity.spiffe import SpiffeId
-from meshware.outbound.call import CallPlan, plan_of
-from meshware.outbound.destination import ClientTLSSettings
+from meshware.outbound.call import plan_of
+from meshware.outbound.destination import ClientTLSSettings, DestinationRules
 from meshware.outbound.errors import OutboundError
 from meshware.outbound.mtls import client_ssl_context
+from meshware.outbound.pool_limits import ConnectionPoolLimits
 from meshware.outbound.transports import (
     SERVER_IDENTITY_KEY,
     TLS_KEY,
     AttemptStamper,
+    OutboundState,
     prepare_attempt,
 )
 from meshware.telemetry.metrics import WorkloadInfo
@@ -65,6 +82,11 @@ __all__ = ["AsyncConnectionTransport", "ConnectionTransport", "WrongServerIdenti
 _log = logging.getLogger("meshware.outbound")
 _DEFAULT_TLS: Final = ClientTLSSettings(mode="ISTIO_MUTUAL")
 _DEFAULT_LIMITS: Final = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+
+_P = TypeVar("_P", httpcore.ConnectionPool, httpcore.AsyncConnectionPool)
+_T = TypeVar("_T", httpx.BaseTransport, httpx.AsyncBaseTransport)
+#: ``(max_requests_per_connection, idle_timeout)`` of a pool, ``None`` for neither.
+_Shape = tuple[int | None, float | None] | None
 
 
 class WrongServerIdentity(OutboundError, httpx.ConnectError):
@@ -170,7 +192,7 @@ class _Credentials:
         return self.mutual if tls.presents_certificate else self.simple
 
 
-# --- verification at the TLS handshake -------------------------------------------------------
+# --- verification at the TLS handshake, requests counted per connection ----------------------
 
 
 class _Verify:
@@ -212,10 +234,26 @@ class _Verify:
         )
 
 
-class _VerifyingStream(httpcore.NetworkStream):
-    def __init__(self, inner: httpcore.NetworkStream, verify: _Verify) -> None:
+#: ``_Stream.left`` of a connection without a request limit.
+_UNCOUNTED: Final = sys.maxsize
+
+
+class _Stream(httpcore.NetworkStream):
+    """A connection's stream, as the pool's backend hands it to httpcore.
+
+    With ``verify``, the server is checked right after the TLS handshake, before any byte of
+    the request is sent. ``left`` is how many more requests the connection may carry
+    (``maxRequestsPerConnection``): once none is left the stream says it is readable, which
+    httpcore's pool takes, on an idle HTTP/1.1 connection, for a connection the server has
+    closed; so it closes it instead of reusing it, and the next call opens a new one.
+    """
+
+    __slots__ = ("_inner", "_verify", "left")
+
+    def __init__(self, inner: httpcore.NetworkStream, verify: _Verify | None, left: int) -> None:
         self._inner = inner
         self._verify = verify
+        self.left = left
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         return self._inner.read(max_bytes, timeout)
@@ -233,21 +271,28 @@ class _VerifyingStream(httpcore.NetworkStream):
         timeout: float | None = None,
     ) -> httpcore.NetworkStream:
         stream = self._inner.start_tls(ssl_context, server_hostname, timeout)
-        try:
-            self._verify(stream.get_extra_info("ssl_object"))
-        except BaseException:
-            stream.close()
-            raise
-        return stream
+        if self._verify is not None:
+            try:
+                self._verify(stream.get_extra_info("ssl_object"))
+            except BaseException:
+                stream.close()
+                raise
+        # Without a limit, httpcore gets its own TLS stream: nothing in between per read.
+        return stream if self.left == _UNCOUNTED else _Stream(stream, None, self.left)
 
     def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable" and self.left <= 0:
+            return True
         return self._inner.get_extra_info(info)
 
 
-class _VerifyingBackend(httpcore.NetworkBackend):
-    def __init__(self, inner: httpcore.NetworkBackend, verify: _Verify) -> None:
+class _Backend(httpcore.NetworkBackend):
+    """httpcore's backend, its streams wrapped in :class:`_Stream`."""
+
+    def __init__(self, inner: httpcore.NetworkBackend, verify: _Verify | None, left: int) -> None:
         self._inner = inner
         self._verify = verify
+        self._left = left
 
     def connect_tcp(
         self,
@@ -258,7 +303,7 @@ class _VerifyingBackend(httpcore.NetworkBackend):
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.NetworkStream:
         stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
-        return _VerifyingStream(stream, self._verify)
+        return _Stream(stream, self._verify, self._left)
 
     def connect_unix_socket(
         self,
@@ -267,16 +312,23 @@ class _VerifyingBackend(httpcore.NetworkBackend):
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.NetworkStream:
         stream = self._inner.connect_unix_socket(path, timeout, socket_options)
-        return _VerifyingStream(stream, self._verify)
+        return _Stream(stream, self._verify, self._left)
 
     def sleep(self, seconds: float) -> None:
         self._inner.sleep(seconds)
 
 
-class _AsyncVerifyingStream(httpcore.AsyncNetworkStream):
-    def __init__(self, inner: httpcore.AsyncNetworkStream, verify: _Verify) -> None:
+class _AsyncStream(httpcore.AsyncNetworkStream):
+    """The async twin of :class:`_Stream`."""
+
+    __slots__ = ("_inner", "_verify", "left")
+
+    def __init__(
+        self, inner: httpcore.AsyncNetworkStream, verify: _Verify | None, left: int
+    ) -> None:
         self._inner = inner
         self._verify = verify
+        self.left = left
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         return await self._inner.read(max_bytes, timeout)
@@ -294,21 +346,29 @@ class _AsyncVerifyingStream(httpcore.AsyncNetworkStream):
         timeout: float | None = None,
     ) -> httpcore.AsyncNetworkStream:
         stream = await self._inner.start_tls(ssl_context, server_hostname, timeout)
-        try:
-            self._verify(stream.get_extra_info("ssl_object"))
-        except BaseException:
-            await stream.aclose()
-            raise
-        return stream
+        if self._verify is not None:
+            try:
+                self._verify(stream.get_extra_info("ssl_object"))
+            except BaseException:
+                await stream.aclose()
+                raise
+        return stream if self.left == _UNCOUNTED else _AsyncStream(stream, None, self.left)
 
     def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable" and self.left <= 0:
+            return True
         return self._inner.get_extra_info(info)
 
 
-class _AsyncVerifyingBackend(httpcore.AsyncNetworkBackend):
-    def __init__(self, inner: httpcore.AsyncNetworkBackend, verify: _Verify) -> None:
+class _AsyncBackend(httpcore.AsyncNetworkBackend):
+    """The async twin of :class:`_Backend`."""
+
+    def __init__(
+        self, inner: httpcore.AsyncNetworkBackend, verify: _Verify | None, left: int
+    ) -> None:
         self._inner = inner
         self._verify = verify
+        self._left = left
 
     async def connect_tcp(
         self,
@@ -319,7 +379,7 @@ class _AsyncVerifyingBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         stream = await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
-        return _AsyncVerifyingStream(stream, self._verify)
+        return _AsyncStream(stream, self._verify, self._left)
 
     async def connect_unix_socket(
         self,
@@ -328,10 +388,33 @@ class _AsyncVerifyingBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         stream = await self._inner.connect_unix_socket(path, timeout, socket_options)
-        return _AsyncVerifyingStream(stream, self._verify)
+        return _AsyncStream(stream, self._verify, self._left)
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
+
+
+# A plaintext pool without a request limit keeps httpcore's own backend (nothing to wrap).
+
+
+def _sync_pool(
+    options: dict[str, Any], verify: _Verify | None, limit: int | None
+) -> httpcore.ConnectionPool:
+    backend = None
+    if verify is not None or limit is not None:
+        left = _UNCOUNTED if limit is None else limit
+        backend = _Backend(httpcore.SyncBackend(), verify, left)
+    return httpcore.ConnectionPool(network_backend=backend, **options)
+
+
+def _async_pool(
+    options: dict[str, Any], verify: _Verify | None, limit: int | None
+) -> httpcore.AsyncConnectionPool:
+    backend = None
+    if verify is not None or limit is not None:
+        left = _UNCOUNTED if limit is None else limit
+        backend = _AsyncBackend(httpcore.AnyIOBackend(), verify, left)
+    return httpcore.AsyncConnectionPool(network_backend=backend, **options)
 
 
 # --- httpx <-> httpcore ----------------------------------------------------------------------
@@ -355,16 +438,24 @@ _ERRORS: Final[dict[type[Exception], type[httpx.TransportError]]] = {
 }
 
 
-@contextlib.contextmanager
-def _httpx_errors() -> Iterator[None]:
-    try:
-        yield
-    except Exception as exc:
-        for kind in type(exc).__mro__:
-            target = _ERRORS.get(kind)
-            if target is not None:
-                raise target(str(exc)) from exc
-        raise
+class _HttpxErrors:
+    """``with _HTTPX_ERRORS:`` raises httpcore's errors as httpx's. One shared, stateless
+    object: nothing is allocated per call, unlike a generator-based context manager."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
+        if isinstance(exc, Exception):
+            for cls in type(exc).__mro__:
+                target = _ERRORS.get(cls)
+                if target is not None:
+                    raise target(str(exc)) from exc
+
+
+_HTTPX_ERRORS: Final = _HttpxErrors()
 
 
 def _core_request(request: httpx.Request) -> httpcore.Request:
@@ -385,13 +476,13 @@ class _CoreStream(httpx.SyncByteStream):
         self._inner = inner
 
     def __iter__(self) -> Iterator[bytes]:
-        with _httpx_errors():
+        with _HTTPX_ERRORS:
             yield from self._inner
 
     def close(self) -> None:
         close = getattr(self._inner, "close", None)
         if close is not None:
-            with _httpx_errors():
+            with _HTTPX_ERRORS:
                 close()
 
 
@@ -400,40 +491,93 @@ class _AsyncCoreStream(httpx.AsyncByteStream):
         self._inner = inner
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        with _httpx_errors():
+        with _HTTPX_ERRORS:
             async for chunk in self._inner:
                 yield chunk
 
     async def aclose(self) -> None:
         aclose = getattr(self._inner, "aclose", None)
         if aclose is not None:
-            with _httpx_errors():
+            with _HTTPX_ERRORS:
                 await aclose()
-
-
-def _response(
-    core: httpcore.Response,
-    stream: httpx.SyncByteStream | httpx.AsyncByteStream,
-    identity: str | None,
-) -> httpx.Response:
-    extensions = dict(core.extensions)
-    if identity is not None:
-        extensions[SERVER_IDENTITY_KEY] = identity
-    return httpx.Response(
-        status_code=core.status, headers=core.headers, stream=stream, extensions=extensions
-    )
 
 
 # --- the shared core -------------------------------------------------------------------------
 
 
-class _ConnectionCore:
+class _Pool(Generic[_P]):
+    """One httpcore pool, and what the responses of its calls need."""
+
+    __slots__ = ("identity", "limit", "pool", "verify")
+
+    def __init__(self, pool: _P, verify: _Verify | None, limit: int | None) -> None:
+        self.pool: _P = pool
+        self.verify = verify
+        self.limit = limit
+        # Every connection of a pool with one expected id was checked against that id.
+        self.identity = (
+            verify.shown[0] if verify is not None and len(verify.expected) == 1 else None
+        )
+
+    def response(
+        self, core: httpcore.Response, stream: httpx.SyncByteStream | httpx.AsyncByteStream
+    ) -> httpx.Response:
+        extensions = dict(core.extensions)
+        if self.limit is not None:
+            # Counted when the response arrives; the pool retires the connection once idle.
+            counted = extensions.get("network_stream")
+            if isinstance(counted, (_Stream, _AsyncStream)):
+                counted.left -= 1
+        identity = self.identity
+        if identity is None and self.verify is not None:
+            identity = _identity_of(self.verify, extensions)
+        if identity is not None:
+            extensions[SERVER_IDENTITY_KEY] = identity
+        return httpx.Response(
+            status_code=core.status, headers=core.headers, stream=stream, extensions=extensions
+        )
+
+
+def _identity_of(verify: _Verify, extensions: Mapping[str, Any]) -> str | None:
+    stream = extensions.get("network_stream")
+    ssl_object = None if stream is None else stream.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    try:
+        return verify(ssl_object)
+    except WrongServerIdentity:
+        return None
+
+
+def _shapes_connections(rules: DestinationRules, default: ConnectionPoolLimits | None) -> bool:
+    """Whether the default or any policy of ``rules`` sets a per-connection setting."""
+    found = [default]
+    for rule in rules:
+        found.append(rule.traffic_policy.connection_pool)
+        found.extend(policy.connection_pool for policy in rule.subset_policies.values())
+    return any(limits is not None and limits.per_connection is not None for limits in found)
+
+
+# (tls settings or None for plaintext, the cluster's pool limits, the pool or None): the last
+# pool a destination's calls used, found again by identity without building a key.
+_Memo = tuple[ClientTLSSettings | None, ConnectionPoolLimits | None, _Pool[Any] | None]
+_PoolKey = tuple[str | None, frozenset[str] | None, bool, _Shape]
+
+
+class _ConnectionCore(Generic[_P]):
     __slots__ = (
         "credentials",
+        "default_pool",
         "http2",
         "limits",
         "lock",
+        "memo",
+        "new_pool",
+        "own_plaintext",
+        "pools",
+        "rules_seen",
         "server_ids",
+        "state",
         "workload",
     )
 
@@ -445,8 +589,11 @@ class _ConnectionCore:
         server_ids: Mapping[str, str | Iterable[str]] | None,
         limits: httpx.Limits,
         http2: bool,
+        state: OutboundState | None,
+        own_plaintext: bool,
         clock: Callable[[], float],
         reload_interval: float,
+        new_pool: Callable[[dict[str, Any], _Verify | None, int | None], _P],
     ) -> None:
         if not isinstance(workload, WorkloadInfo):
             raise ConfigurationError("expected a WorkloadInfo", field="workload", value=workload)
@@ -458,6 +605,10 @@ class _ConnectionCore:
             paths = ServicePaths.under(Path(cert_dir), workload.service, workload.namespace)
         if not isinstance(limits, httpx.Limits):
             raise ConfigurationError("expected httpx.Limits", field="limits", value=limits)
+        if state is not None and not isinstance(state, OutboundState):
+            raise ConfigurationError(
+                "expected an OutboundState or None", field="state", value=state
+            )
         if (
             isinstance(reload_interval, bool)
             or not isinstance(reload_interval, (int, float))
@@ -492,33 +643,112 @@ class _ConnectionCore:
         self.server_ids = ids
         self.limits = limits
         self.http2 = bool(http2)
+        self.state = state
+        # The state's default for clusters whose rule sets no connectionPool; fixed at its
+        # construction (a reload replaces the rules only).
+        self.default_pool: ConnectionPoolLimits | None = (
+            None if state is None else state._connection_pool
+        )
+        self.rules_seen: tuple[DestinationRules | None, bool] = (None, False)
+        self.own_plaintext = own_plaintext and state is not None
+        self.new_pool: Callable[[dict[str, Any], _Verify | None, int | None], _P] = new_pool
         self.lock = threading.Lock()
+        self.pools: dict[_PoolKey, _Pool[_P]] = {}
+        self.memo: dict[str, _Memo] = {}
         self.credentials = (
             None if paths is None else _Credentials(paths, clock, float(reload_interval))
         )
 
-    def route(self, request: httpx.Request) -> tuple[CallPlan, ClientTLSSettings] | None:
-        """``None`` for calls the plain transport sends; else the plan and TLS settings."""
+    def route(self, request: httpx.Request) -> _Pool[_P] | None:
+        """The pool of the call, or ``None`` for a call the plain transport sends."""
         plan = plan_of(request)
-        if plan.destination is None:
+        destination = plan.destination
+        if destination is None:
             return None
-        if request.url.scheme != "https":
-            # A plaintext mesh call (tls mode DISABLE): the layers above left the attempt's
-            # bounds to this innermost layer, so they are set here too.
-            prepare_attempt(request, plan)
-            return None
-        tls = request.extensions.get(TLS_KEY)
-        if not isinstance(tls, ClientTLSSettings):
-            tls = _DEFAULT_TLS
-        if self.credentials is None:
-            raise ConfigurationError(
-                f"a TLS call to {plan.destination} needs the service's certificate; this "
-                "transport has none (plaintext mode): pass cert_dir, or use tls mode DISABLE",
-                field="cert_dir",
-            )
-        self.credentials.maybe_reload()
+        tls = None
+        if request.url.scheme == "https":
+            tls = request.extensions.get(TLS_KEY)
+            if not isinstance(tls, ClientTLSSettings):
+                tls = _DEFAULT_TLS
+            if self.credentials is None:
+                raise ConfigurationError(
+                    f"a TLS call to {destination} needs the service's certificate; this "
+                    "transport has none (plaintext mode): pass cert_dir, or use tls mode "
+                    "DISABLE",
+                    field="cert_dir",
+                )
+            self.credentials.maybe_reload()
+        # The layers above left the attempt's bounds to this innermost layer (for a
+        # plaintext mesh call too, though another transport sends it).
         prepare_attempt(request, plan)
-        return plan, tls
+        pool_limits = None
+        state = self.state
+        if state is not None and (tls is not None or self.own_plaintext):
+            seen = self.rules_seen
+            if seen[1] or seen[0] is not state.rules:  # else no rule shapes connections
+                pool_limits = self.pool_limits(state, destination, plan.subset)
+        if tls is None and pool_limits is None:
+            return None
+        return self.pool(destination, tls, pool_limits)
+
+    def pool_limits(
+        self, state: OutboundState, destination: str, subset: str | None
+    ) -> ConnectionPoolLimits | None:
+        """The cluster's pool limits, or ``None`` when no policy sets a per-connection
+        setting (then without looking the cluster up)."""
+        rules = state.rules
+        seen = self.rules_seen
+        if seen[0] is not rules:  # new rules (a reload): look again
+            seen = self.rules_seen = (rules, _shapes_connections(rules, self.default_pool))
+        if not seen[1]:
+            return None
+        return state.cluster(destination, subset).policy.connection_pool or self.default_pool
+
+    def pool(
+        self,
+        destination: str,
+        tls: ClientTLSSettings | None,
+        pool_limits: ConnectionPoolLimits | None,
+    ) -> _Pool[_P] | None:
+        """The pool of calls to ``destination`` with these TLS settings (``None``:
+        plaintext) and pool limits; ``None`` for a plaintext call with nothing to apply."""
+        memo = self.memo.get(destination)
+        if memo is not None and memo[0] is tls and memo[1] is pool_limits:
+            return memo[2]
+        shape = None if pool_limits is None else pool_limits.per_connection
+        key: _PoolKey | None = None
+        if tls is not None:
+            expected = self.expected(destination, tls)
+            key = (destination, expected, tls.presents_certificate, shape)
+        elif shape is not None:
+            key = (None, None, False, shape)  # plaintext: one pool per shape serves them all
+        found = None if key is None else self.pools.get(key)
+        if found is None and key is not None:
+            with self.lock:
+                found = self.pools.get(key)
+                if found is None:
+                    found = self.pools[key] = self._new(destination, tls, shape)
+        self.memo[destination] = (tls, pool_limits, found)
+        return found
+
+    def _new(self, destination: str, tls: ClientTLSSettings | None, shape: _Shape) -> _Pool[_P]:
+        limit, idle = (None, None) if shape is None else shape
+        verify = ssl_context = None
+        if tls is not None:
+            credentials = cast(_Credentials, self.credentials)  # checked by route()
+            verify = _Verify(destination, self.expected(destination, tls), credentials.verifier)
+            ssl_context = credentials.context(tls)
+        limits = self.limits
+        options: dict[str, Any] = {
+            "ssl_context": ssl_context,
+            "max_connections": limits.max_connections,
+            "max_keepalive_connections": limits.max_keepalive_connections,
+            "keepalive_expiry": limits.keepalive_expiry if idle is None else idle,
+            "http1": True,
+            # httpcore cannot retire an HTTP/2 connection after N streams: HTTP/1.1 then.
+            "http2": self.http2 and limit is None,
+        }
+        return _Pool(self.new_pool(options, verify, limit), verify, limit)
 
     def expected(self, destination: str, tls: ClientTLSSettings) -> frozenset[str]:
         if tls.subject_alt_names:
@@ -530,21 +760,67 @@ class _ConnectionCore:
         name, namespace, _ = workload.service_of(destination)
         return frozenset({f"spiffe://{workload.trust_domain}/ns/{namespace}/sa/{name}"})
 
-    @staticmethod
-    def identity_of(verify: _Verify, response: httpcore.Response) -> str | None:
-        if len(verify.expected) == 1:
-            return verify.shown[0]  # every connection of this pool was checked against it
-        stream = response.extensions.get("network_stream")
-        ssl_object = None if stream is None else stream.get_extra_info("ssl_object")
-        if ssl_object is None:
-            return None
-        try:
-            return verify(ssl_object)
-        except WrongServerIdentity:
-            return None
+    def take_pools(self) -> list[_P]:
+        """Forget every pool (for closing them)."""
+        with self.lock:
+            pools, self.pools, self.memo = list(self.pools.values()), {}, {}
+        return [entry.pool for entry in pools]
 
 
-class ConnectionTransport(AttemptStamper, httpx.BaseTransport):
+class _ConnectionLayer(AttemptStamper, Generic[_P, _T]):
+    """What the sync and async transports share: their arguments, credentials and pools."""
+
+    _new_pool: Callable[[dict[str, Any], _Verify | None, int | None], _P]
+
+    def __init__(
+        self,
+        *,
+        workload: WorkloadInfo,
+        cert_dir: str | os.PathLike[str] | None = None,
+        paths: ServicePaths | None = None,
+        server_ids: Mapping[str, str | Iterable[str]] | None = None,
+        limits: httpx.Limits = _DEFAULT_LIMITS,
+        http2: bool = False,
+        passthrough: _T | None = None,
+        state: OutboundState | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        reload_interval: float = 1.0,
+    ) -> None:
+        self._core: _ConnectionCore[_P] = _ConnectionCore(
+            workload,
+            cert_dir,
+            paths,
+            server_ids,
+            limits,
+            http2,
+            state,
+            passthrough is None,
+            clock,
+            reload_interval,
+            self._new_pool,
+        )
+        self._passthrough: _T = (
+            passthrough if passthrough is not None else self._new_passthrough(limits, http2)
+        )
+
+    def _new_passthrough(self, limits: httpx.Limits, http2: bool) -> _T:
+        raise NotImplementedError
+
+    @property
+    def plaintext(self) -> bool:
+        """Whether the transport has no certificate (plaintext mode)."""
+        return self._core.credentials is None
+
+    @property
+    def reloads(self) -> int:
+        """How many times changed certificate files were reloaded."""
+        credentials = self._core.credentials
+        return 0 if credentials is None else credentials.reloads
+
+
+class ConnectionTransport(
+    _ConnectionLayer[httpcore.ConnectionPool, httpx.BaseTransport], httpx.BaseTransport
+):
     """Sends calls; mesh calls over mTLS to verified servers (see the module docs).
 
     Args:
@@ -558,7 +834,12 @@ class ConnectionTransport(AttemptStamper, httpx.BaseTransport):
         limits: the connection limits of each destination's pool (and of the plain pool).
         http2: offer HTTP/2 (ALPN) on mesh connections.
         passthrough: the transport of calls that are not mesh TLS calls; a new
-            :class:`httpx.HTTPTransport` with ``limits`` and ``http2`` when ``None``.
+            :class:`httpx.HTTPTransport` with ``limits`` and ``http2`` when ``None``. One
+            given here sends every plaintext mesh call, its connections shaped by itself.
+        state: the client's :class:`~meshware.outbound.transports.OutboundState` (the one
+            its balancing and breaker layers share): each cluster's
+            ``connectionPool.http.maxRequestsPerConnection`` and ``idleTimeout`` are applied
+            to its connections. ``None``: neither is.
         clock: the monotonic clock that paces the certificate-file checks.
         reload_interval: seconds between checks of the certificate files (default 1).
 
@@ -568,183 +849,60 @@ class ConnectionTransport(AttemptStamper, httpx.BaseTransport):
         WrongServerIdentity: per call, when the server is not the service meant.
     """
 
-    def __init__(
-        self,
-        *,
-        workload: WorkloadInfo,
-        cert_dir: str | os.PathLike[str] | None = None,
-        paths: ServicePaths | None = None,
-        server_ids: Mapping[str, str | Iterable[str]] | None = None,
-        limits: httpx.Limits = _DEFAULT_LIMITS,
-        http2: bool = False,
-        passthrough: httpx.BaseTransport | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        reload_interval: float = 1.0,
-    ) -> None:
-        self._core = _ConnectionCore(
-            workload, cert_dir, paths, server_ids, limits, http2, clock, reload_interval
-        )
-        self._passthrough = (
-            passthrough
-            if passthrough is not None
-            else httpx.HTTPTransport(limits=limits, http2=http2)
-        )
-        self._pools: dict[
-            tuple[str, frozenset[str], bool], tuple[httpcore.ConnectionPool, _Verify]
-        ] = {}
+    _new_pool = staticmethod(_sync_pool)
 
-    @property
-    def plaintext(self) -> bool:
-        """Whether the transport has no certificate (plaintext mode)."""
-        return self._core.credentials is None
-
-    @property
-    def reloads(self) -> int:
-        """How many times changed certificate files were reloaded."""
-        credentials = self._core.credentials
-        return 0 if credentials is None else credentials.reloads
-
-    def _pool(
-        self, destination: str, tls: ClientTLSSettings
-    ) -> tuple[httpcore.ConnectionPool, _Verify]:
-        core = self._core
-        expected = core.expected(destination, tls)
-        mutual = tls.presents_certificate
-        key = (destination, expected, mutual)
-        entry = self._pools.get(key)
-        if entry is None:
-            with core.lock:
-                entry = self._pools.get(key)
-                if entry is None:
-                    credentials = cast(_Credentials, core.credentials)  # checked by route()
-                    verify = _Verify(destination, expected, credentials.verifier)
-                    limits = core.limits
-                    pool = httpcore.ConnectionPool(
-                        ssl_context=credentials.context(tls),
-                        max_connections=limits.max_connections,
-                        max_keepalive_connections=limits.max_keepalive_connections,
-                        keepalive_expiry=limits.keepalive_expiry,
-                        http1=True,
-                        http2=core.http2,
-                        network_backend=_VerifyingBackend(httpcore.SyncBackend(), verify),
-                    )
-                    entry = self._pools[key] = (pool, verify)
-        return entry
+    def _new_passthrough(self, limits: httpx.Limits, http2: bool) -> httpx.BaseTransport:
+        return httpx.HTTPTransport(limits=limits, http2=http2)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request``: over a verified mTLS connection for a mesh TLS call, else through
         the plain transport."""
-        routed = self._core.route(request)
-        if routed is None:
+        target = self._core.route(request)
+        if target is None:
             return self._passthrough.handle_request(request)
-        plan, tls = routed
-        pool, verify = self._pool(plan.destination or "", tls)
         try:
-            with _httpx_errors():
-                core_response = pool.handle_request(_core_request(request))
+            with _HTTPX_ERRORS:
+                response = target.pool.handle_request(_core_request(request))
         except WrongServerIdentity as exc:
             exc.request = request
             raise
-        stream = _CoreStream(cast(Iterable[bytes], core_response.stream))
-        return _response(core_response, stream, self._core.identity_of(verify, core_response))
+        return target.response(response, _CoreStream(cast(Iterable[bytes], response.stream)))
 
     def close(self) -> None:
         """Close every pool and the plain transport."""
-        with self._core.lock:
-            pools, self._pools = list(self._pools.values()), {}
-        for pool, _ in pools:
+        for pool in self._core.take_pools():
             pool.close()
         self._passthrough.close()
 
 
-class AsyncConnectionTransport(AttemptStamper, httpx.AsyncBaseTransport):
+class AsyncConnectionTransport(
+    _ConnectionLayer[httpcore.AsyncConnectionPool, httpx.AsyncBaseTransport],
+    httpx.AsyncBaseTransport,
+):
     """The async twin of :class:`ConnectionTransport`, with the same arguments
     (``passthrough`` is an :class:`httpx.AsyncHTTPTransport` by default)."""
 
-    def __init__(
-        self,
-        *,
-        workload: WorkloadInfo,
-        cert_dir: str | os.PathLike[str] | None = None,
-        paths: ServicePaths | None = None,
-        server_ids: Mapping[str, str | Iterable[str]] | None = None,
-        limits: httpx.Limits = _DEFAULT_LIMITS,
-        http2: bool = False,
-        passthrough: httpx.AsyncBaseTransport | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        reload_interval: float = 1.0,
-    ) -> None:
-        self._core = _ConnectionCore(
-            workload, cert_dir, paths, server_ids, limits, http2, clock, reload_interval
-        )
-        self._passthrough = (
-            passthrough
-            if passthrough is not None
-            else httpx.AsyncHTTPTransport(limits=limits, http2=http2)
-        )
-        self._pools: dict[
-            tuple[str, frozenset[str], bool], tuple[httpcore.AsyncConnectionPool, _Verify]
-        ] = {}
+    _new_pool = staticmethod(_async_pool)
 
-    @property
-    def plaintext(self) -> bool:
-        """Whether the transport has no certificate (plaintext mode)."""
-        return self._core.credentials is None
-
-    @property
-    def reloads(self) -> int:
-        """How many times changed certificate files were reloaded."""
-        credentials = self._core.credentials
-        return 0 if credentials is None else credentials.reloads
-
-    def _pool(
-        self, destination: str, tls: ClientTLSSettings
-    ) -> tuple[httpcore.AsyncConnectionPool, _Verify]:
-        core = self._core
-        expected = core.expected(destination, tls)
-        mutual = tls.presents_certificate
-        key = (destination, expected, mutual)
-        entry = self._pools.get(key)
-        if entry is None:
-            with core.lock:
-                entry = self._pools.get(key)
-                if entry is None:
-                    credentials = cast(_Credentials, core.credentials)  # checked by route()
-                    verify = _Verify(destination, expected, credentials.verifier)
-                    limits = core.limits
-                    pool = httpcore.AsyncConnectionPool(
-                        ssl_context=credentials.context(tls),
-                        max_connections=limits.max_connections,
-                        max_keepalive_connections=limits.max_keepalive_connections,
-                        keepalive_expiry=limits.keepalive_expiry,
-                        http1=True,
-                        http2=core.http2,
-                        network_backend=_AsyncVerifyingBackend(httpcore.AnyIOBackend(), verify),
-                    )
-                    entry = self._pools[key] = (pool, verify)
-        return entry
+    def _new_passthrough(self, limits: httpx.Limits, http2: bool) -> httpx.AsyncBaseTransport:
+        return httpx.AsyncHTTPTransport(limits=limits, http2=http2)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request``: over a verified mTLS connection for a mesh TLS call, else through
         the plain transport."""
-        routed = self._core.route(request)
-        if routed is None:
+        target = self._core.route(request)
+        if target is None:
             return await self._passthrough.handle_async_request(request)
-        plan, tls = routed
-        pool, verify = self._pool(plan.destination or "", tls)
         try:
-            with _httpx_errors():
-                core_response = await pool.handle_async_request(_core_request(request))
+            with _HTTPX_ERRORS:
+                response = await target.pool.handle_async_request(_core_request(request))
         except WrongServerIdentity as exc:
             exc.request = request
             raise
-        stream = _AsyncCoreStream(core_response.stream)
-        return _response(core_response, stream, self._core.identity_of(verify, core_response))
+        return target.response(response, _AsyncCoreStream(response.stream))
 
     async def aclose(self) -> None:
         """Close every pool and the plain transport."""
-        with self._core.lock:
-            pools, self._pools = list(self._pools.values()), {}
-        for pool, _ in pools:
+        for pool in self._core.take_pools():
             await pool.aclose()
         await self._passthrough.aclose()

@@ -371,7 +371,8 @@ async def test_a_local_refusal_of_a_retry_delivers_the_previous_response(kind: s
         tls_mode="DISABLE", breaker=BreakerPolicy(failure_threshold=1), clock=FakeClock()
     )
     upstream = Upstream(503, 200)
-    harness = Harness(kind, upstream, policy=RetryPolicy(), state=state)
+    # One endpoint: its failure is the whole destination's, which the breaker stands for.
+    harness = Harness(kind, upstream, policy=RetryPolicy(), state=state, endpoints=TWO[:1])
     response = await harness.send()
     # The 503 opened the breaker; the retry was refused with CircuitOpen before any network
     # call, and the caller gets the real 503, already read.
@@ -384,7 +385,8 @@ async def test_a_local_refusal_of_a_retry_raises_the_previous_error(kind: str) -
     )
     error = connect_error()
     upstream = Upstream(error, 200)
-    harness = Harness(kind, upstream, policy=RetryPolicy(), state=state)
+    # One endpoint: its failure is the whole destination's, which the breaker stands for.
+    harness = Harness(kind, upstream, policy=RetryPolicy(), state=state, endpoints=TWO[:1])
     with pytest.raises(httpx.ConnectError) as info:
         await harness.send()
     assert info.value is error
