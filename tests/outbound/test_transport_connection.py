@@ -4,6 +4,7 @@ mode; and the whole outbound stack end to end."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import random
@@ -15,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpcore
 import httpx
 import pytest
 from cryptography import x509
@@ -36,6 +38,7 @@ from meshware.outbound.transport_connection import (
     AsyncConnectionTransport,
     ConnectionTransport,
     WrongServerIdentity,
+    _answer_readable_directly,
 )
 from meshware.outbound.transport_deadline import AsyncDeadlineTransport, DeadlineTransport
 from meshware.outbound.transport_retry import AsyncRetryTransport, RetryTransport
@@ -493,3 +496,27 @@ async def test_the_whole_stack_over_mtls_async(ca: LocalCA, serve: Any) -> None:
             assert response.status_code == 200
     assert seen.requests == []
     assert len(good_seen.requests) == 2
+
+
+async def test_is_readable_is_answered_from_the_socket_and_sees_a_server_close() -> None:
+    closing: asyncio.Event = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await closing.wait()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    stream = await httpcore.AnyIOBackend().connect_tcp("127.0.0.1", port)
+    _answer_readable_directly(stream)
+    assert stream.get_extra_info("is_readable") is False  # idle, open
+    assert stream.get_extra_info("server_addr") == ("127.0.0.1", port)  # the rest unchanged
+    closing.set()
+    for _ in range(100):  # the FIN arrives
+        if stream.get_extra_info("is_readable"):
+            break
+        await asyncio.sleep(0.01)
+    assert stream.get_extra_info("is_readable") is True
+    await stream.aclose()
+    server.close()
+    await server.wait_closed()
