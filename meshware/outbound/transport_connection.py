@@ -50,7 +50,6 @@ import contextlib
 import logging
 import os
 import select
-import socket
 import ssl
 import sys
 import threading
@@ -321,7 +320,7 @@ class _Backend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
-def _readable(sock: socket.socket) -> bool:
+def _readable(sock: Any) -> bool:
     # What httpcore's sync backend answers: the server closed an idle connection (or sent
     # something it should not have) when its socket has bytes to read.
     fd = sock.fileno()
@@ -340,8 +339,8 @@ def _answer_readable_directly(stream: httpcore.AsyncNetworkStream) -> None:
     (a ``getpeername()`` system call among them) for every question: with 20 pooled
     connections that was a fifth of the client's time. The socket is looked up once here.
     """
-    sock = stream.get_extra_info("socket")
-    if not isinstance(sock, socket.socket) or not hasattr(select, "poll"):
+    sock = stream.get_extra_info("socket")  # asyncio's TransportSocket, under anyio
+    if not callable(getattr(sock, "fileno", None)) or not hasattr(select, "poll"):
         return
     answer = stream.get_extra_info
 
