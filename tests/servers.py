@@ -94,3 +94,27 @@ def meshware_serve(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         out.close()
+
+
+def kill_server(pid: int, port: int) -> None:
+    """SIGKILL a server's process group; return once its port refuses connections (its
+    sockets are closed, so a client's pooled connections to it have seen the end)."""
+    os.killpg(os.getpgid(pid), signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+        except OSError:
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"127.0.0.1:{port} still accepts connections after SIGKILL")
+
+
+def issue_pki(directory: Path, *services: str) -> Path:
+    """A new CA in ``directory`` with a certificate for each service; returns ``directory``."""
+    from meshware.identity.ca import LocalCA
+
+    ca = LocalCA.init(directory)
+    for service in services:
+        ca.issue(service)
+    return directory

@@ -15,8 +15,6 @@ import contextlib
 import json
 import os
 import random
-import signal
-import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -37,7 +35,8 @@ from meshware.outbound.errors import DeadlineExceeded
 from meshware.outbound.mirror import MirrorObserver
 from meshware.outbound.routing import RouteTable
 from meshware.telemetry.metrics import MeshMetrics
-from tests.servers import meshware_serve
+from tests.reliability.mesh_instances import samples
+from tests.servers import kill_server, meshware_serve
 
 pytestmark = pytest.mark.integration
 
@@ -125,29 +124,6 @@ def registry(*instances: Instance) -> StaticRegistry:
     return StaticRegistry(services)
 
 
-def kill(pid: int, port: int) -> None:
-    """SIGKILL the server's process group; return once its port refuses connections (its
-    sockets are closed, so the client's pooled connections to it have seen the end)."""
-    os.killpg(os.getpgid(pid), signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-        except OSError:
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"127.0.0.1:{port} still accepts connections after SIGKILL")
-
-
-def samples(metrics: MeshMetrics, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    return {
-        tuple(sorted(sample.labels.items())): sample.value
-        for family in metrics.registry.collect()
-        for sample in family.samples
-        if sample.name == name
-    }
-
-
 def ids_executed(instances: tuple[Instance, ...] | list[Instance], prefix: str) -> Counter[str]:
     return Counter(
         line["request_id"] for instance in instances for line in instance.requests(prefix)
@@ -224,7 +200,7 @@ async def test_a_killed_instance_is_ejected_and_no_call_fails(pki: Path) -> None
                     # Between two calls: a call in flight at the kill could have been executed
                     # before its connection was reset; it is not retried (the default retryOn
                     # has no "reset"), so it would show up as a failure, never as a repeat.
-                    kill(served_pid(victim), victim.port)
+                    kill_server(served_pid(victim), victim.port)
                 response = await client.get(
                     "http://catalog/items", headers={"x-request-id": f"eject-{n}"}
                 )

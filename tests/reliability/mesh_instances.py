@@ -17,8 +17,6 @@ import contextlib
 import json
 import os
 import random
-import signal
-import socket
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -36,7 +34,7 @@ from meshware.outbound.discovery import StaticRegistry
 from meshware.outbound.endpoints import Endpoint
 from meshware.outbound.retry import RetryPolicy
 from meshware.telemetry.metrics import MeshMetrics
-from tests.servers import PROCESSES, meshware_serve
+from tests.servers import PROCESSES, kill_server, meshware_serve
 
 BACKEND = "tests.integration.apps:backend"
 KINDS = ("get", "keyed", "unkeyed")
@@ -97,17 +95,8 @@ def registry(instances: Iterable[Instance]) -> StaticRegistry:
 
 
 def kill(instance: Instance) -> None:
-    """SIGKILL the instance's process group; return once its port refuses connections (its
-    sockets are closed, so the client's pooled connections to it have seen the end)."""
-    os.killpg(PROCESSES[instance.port].pid, signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", instance.port), 0.5).close()
-        except OSError:
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"{instance.address} still accepts connections after SIGKILL")
+    """SIGKILL the instance; return once its port refuses connections."""
+    kill_server(PROCESSES[instance.port].pid, instance.port)
 
 
 def samples(metrics: MeshMetrics, name: str) -> dict[tuple[tuple[str, str], ...], float]:

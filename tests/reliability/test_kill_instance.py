@@ -20,7 +20,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from meshware.identity.ca import LocalCA
 from meshware.outbound.client import OutboundConfig, mesh_client
 from tests.reliability.mesh_instances import (
     OUTLIER_RULE,
@@ -31,6 +30,7 @@ from tests.reliability.mesh_instances import (
     registry,
     start,
 )
+from tests.servers import issue_pki
 
 pytestmark = pytest.mark.integration
 
@@ -39,11 +39,7 @@ REQUESTS, WORKERS, KILL_AFTER = 800, 8, 250
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cert_dir = tmp_path_factory.mktemp("pki")
-    ca = LocalCA.init(cert_dir)
-    for service in ("catalog", "frontend"):
-        ca.issue(service)
-    return cert_dir
+    return issue_pki(tmp_path_factory.mktemp("pki"), "catalog", "frontend")
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from meshware.identity.ca import LocalCA
 from tests.reliability import client_context
-from tests.servers import PROCESSES, free_port, meshware_serve
+from tests.servers import PROCESSES, free_port, issue_pki, meshware_serve
 
 RATE_APP = "tests.server.mesh_apps:asgi_stack"
 PROBE_TIMEOUT = 2.0  # "did not collapse": far above any probe of a live server
@@ -137,11 +136,7 @@ def overload(pki: Path, *, seconds: float, callers: int, rate: int) -> Overload:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cert_dir = tmp_path_factory.mktemp("pki")
-    ca = LocalCA.init(cert_dir)
-    for service in ("catalog", "users"):
-        ca.issue(service)
-    return cert_dir
+    return issue_pki(tmp_path_factory.mktemp("pki"), "catalog", "users")
 
 
 @pytest.mark.integration

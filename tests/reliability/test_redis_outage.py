@@ -20,10 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from meshware.identity.ca import LocalCA
 from tests.redis_server import RedisServer
 from tests.reliability import client_context
-from tests.servers import meshware_serve
+from tests.servers import issue_pki, meshware_serve
 
 BACKEND = "tests.integration.apps:backend"
 LIMIT = 5  # per shopper per minute
@@ -143,11 +142,7 @@ def redis_outage(pki: Path, work: Path, mode: str, *, burst: int = BURST) -> Out
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cert_dir = tmp_path_factory.mktemp("pki")
-    ca = LocalCA.init(cert_dir)
-    for service in ("catalog", "users"):
-        ca.issue(service)
-    return cert_dir
+    return issue_pki(tmp_path_factory.mktemp("pki"), "catalog", "users")
 
 
 @pytest.mark.integration
