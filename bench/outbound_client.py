@@ -313,6 +313,10 @@ def upstream(cert_dir: Path | None) -> Iterator[int]:
         python(), "-m", "uvicorn", "bench.outbound_client:app",
         "--port", str(port), "--http", "httptools", "--loop", "asyncio",
         "--no-access-log", "--log-level", "warning", "--lifespan", "on",
+        # Longer than both clients keep an idle connection (httpx: 5 s), so that the client
+        # retires it first: with equal timeouts a reused connection can meet the server's
+        # close ("Server disconnected without sending a response") after a pause between runs.
+        "--timeout-keep-alive", "60",
     ]  # fmt: skip
     if cert_dir is not None:
         from meshware.identity.ca import ServicePaths
