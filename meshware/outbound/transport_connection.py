@@ -39,9 +39,11 @@ than calls (Envoy's semantics):
 - ``http.idleTimeout``: a connection idle for longer is closed instead of reused (httpcore's
   keep-alive expiry; without it, ``limits.keepalive_expiry``).
 
-Calls whose cluster sets either get pools of their own, mTLS or plaintext (a plaintext mesh
-call with neither still goes through the plain transport, as does every plaintext mesh call
-when ``passthrough`` is given: that transport owns those connections).
+Calls whose cluster sets either get pools of their own, mTLS or plaintext. The async
+transport pools every plaintext mesh call itself (its connections answer httpcore's idle
+check cheaply); the sync one sends a plaintext mesh call with neither setting through the
+plain transport, and with ``passthrough`` given, that transport sends every plaintext mesh
+call: it owns those connections.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Final, Generic, TypeVar, cast
+from typing import Any, ClassVar, Final, Generic, TypeVar, cast
 
 import httpcore
 import httpx
@@ -414,6 +416,8 @@ class _AsyncBackend(httpcore.AsyncNetworkBackend):
     ) -> httpcore.AsyncNetworkStream:
         stream = await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
         _answer_readable_directly(stream)
+        if self._verify is None and self._left == _UNCOUNTED:
+            return stream  # plaintext, nothing to count: nothing in between per read
         return _AsyncStream(stream, self._verify, self._left)
 
     async def connect_unix_socket(
@@ -429,9 +433,6 @@ class _AsyncBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
-# A plaintext pool without a request limit keeps httpcore's own backend (nothing to wrap).
-
-
 def _sync_pool(
     options: dict[str, Any], verify: _Verify | None, limit: int | None
 ) -> httpcore.ConnectionPool:
@@ -445,10 +446,9 @@ def _sync_pool(
 def _async_pool(
     options: dict[str, Any], verify: _Verify | None, limit: int | None
 ) -> httpcore.AsyncConnectionPool:
-    backend = None
-    if verify is not None or limit is not None:
-        left = _UNCOUNTED if limit is None else limit
-        backend = _AsyncBackend(httpcore.AnyIOBackend(), verify, left)
+    # Always meshware's backend, for its cheaper idle check (see _answer_readable_directly).
+    left = _UNCOUNTED if limit is None else limit
+    backend = _AsyncBackend(httpcore.AnyIOBackend(), verify, left)
     return httpcore.AsyncConnectionPool(network_backend=backend, **options)
 
 
@@ -609,6 +609,7 @@ class _ConnectionCore(Generic[_P]):
         "memo",
         "new_pool",
         "own_plaintext",
+        "pool_plaintext",
         "pools",
         "rules_seen",
         "server_ids",
@@ -686,6 +687,9 @@ class _ConnectionCore(Generic[_P]):
         )
         self.rules_seen: tuple[DestinationRules | None, bool] = (None, False)
         self.own_plaintext = own_plaintext and state is not None
+        # Whether plaintext mesh calls use this layer's pools even with nothing to apply per
+        # connection (the async layer: see _answer_readable_directly).
+        self.pool_plaintext = False
         self.new_pool: Callable[[dict[str, Any], _Verify | None, int | None], _P] = new_pool
         self.lock = threading.Lock()
         self.pools: dict[_PoolKey, _Pool[_P]] = {}
@@ -722,7 +726,7 @@ class _ConnectionCore(Generic[_P]):
             seen = self.rules_seen
             if seen[1] or seen[0] is not state.rules:  # else no rule shapes connections
                 pool_limits = self.pool_limits(state, destination, plan.subset)
-        if tls is None and pool_limits is None:
+        if tls is None and pool_limits is None and not self.pool_plaintext:
             return None
         return self.pool(destination, tls, pool_limits)
 
@@ -755,7 +759,7 @@ class _ConnectionCore(Generic[_P]):
         if tls is not None:
             expected = self.expected(destination, tls)
             key = (destination, expected, tls.presents_certificate, shape)
-        elif shape is not None:
+        elif shape is not None or self.pool_plaintext:
             key = (None, None, False, shape)  # plaintext: one pool per shape serves them all
         found = None if key is None else self.pools.get(key)
         if found is None and key is not None:
@@ -806,6 +810,7 @@ class _ConnectionLayer(AttemptStamper, Generic[_P, _T]):
     """What the sync and async transports share: their arguments, credentials and pools."""
 
     _new_pool: Callable[[dict[str, Any], _Verify | None, int | None], _P]
+    _pool_plaintext: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -834,6 +839,7 @@ class _ConnectionLayer(AttemptStamper, Generic[_P, _T]):
             reload_interval,
             self._new_pool,
         )
+        self._core.pool_plaintext = self._pool_plaintext and self._core.own_plaintext
         self._passthrough: _T = (
             passthrough if passthrough is not None else self._new_passthrough(limits, http2)
         )
@@ -918,6 +924,8 @@ class AsyncConnectionTransport(
     (``passthrough`` is an :class:`httpx.AsyncHTTPTransport` by default)."""
 
     _new_pool = staticmethod(_async_pool)
+    # Plaintext mesh calls too go through pools with the cheaper idle check.
+    _pool_plaintext = True
 
     def _new_passthrough(self, limits: httpx.Limits, http2: bool) -> httpx.AsyncBaseTransport:
         return httpx.AsyncHTTPTransport(limits=limits, http2=http2)

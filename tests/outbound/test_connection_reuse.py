@@ -14,16 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from meshware.identity.ca import LocalCA
 from meshware.introspection import outbound_state_of
+from meshware.outbound.call import CALL_KEY, CallPlan
 from meshware.outbound.client import OutboundConfig, mesh_client, mesh_sync_client
 from meshware.outbound.destination import DestinationRule
 from meshware.outbound.discovery import StaticRegistry
 from meshware.outbound.endpoints import Endpoint
 from meshware.outbound.pool_limits import ConnectionPoolLimits
 from meshware.outbound.reloadable import apply_destination_rules
+from meshware.outbound.transport_connection import AsyncConnectionTransport, ConnectionTransport
+from meshware.outbound.transports import OutboundState
+from meshware.telemetry.metrics import WorkloadInfo
 from tests.servers import meshware_serve
 
 pytestmark = pytest.mark.integration
@@ -217,3 +222,44 @@ def test_per_connection_names_the_settings_a_connection_pool_applies() -> None:
     assert ConnectionPoolLimits(max_requests_per_connection=3).per_connection == (3, None)
     assert ConnectionPoolLimits(idle_timeout=0.5).per_connection == (None, 0.5)
     assert ConnectionPoolLimits(max_requests_per_connection=0).per_connection is None
+
+
+async def test_async_plaintext_mesh_calls_use_meshware_pools(servers: Servers) -> None:
+    # Plaintext mesh calls of the async client go through the connection layer's own pool,
+    # whose connections answer httpcore's idle check by polling their socket.
+    port = servers.ports["plaintext"]
+    transport = AsyncConnectionTransport(
+        workload=WorkloadInfo(service="orders"), state=OutboundState()
+    )
+    ports = []
+    for _ in range(3):
+        request = httpx.Request(
+            "GET",
+            f"http://127.0.0.1:{port}/",
+            headers={"host": "payments"},
+            extensions={CALL_KEY: CallPlan(destination="payments")},
+        )
+        response = await transport.handle_async_request(request)
+        await response.aread()
+        ports.append(int(response.content))
+    assert len(set(ports)) == 1  # one kept-alive connection
+    (pool,) = (entry.pool for entry in transport._core.pools.values())
+    (connection,) = pool.connections
+    stream = connection._connection._network_stream  # type: ignore[attr-defined]
+    assert "get_extra_info" in vars(stream)
+    await transport.aclose()
+
+
+def test_only_the_async_layer_pools_plaintext_calls_by_default() -> None:
+    assert AsyncConnectionTransport(
+        workload=WorkloadInfo(service="orders"), state=OutboundState()
+    )._core.pool_plaintext
+    assert not ConnectionTransport(
+        workload=WorkloadInfo(service="orders"), state=OutboundState()
+    )._core.pool_plaintext
+    # A passthrough of the caller's own sends every plaintext call.
+    assert not AsyncConnectionTransport(
+        workload=WorkloadInfo(service="orders"),
+        state=OutboundState(),
+        passthrough=httpx.AsyncHTTPTransport(),
+    )._core.pool_plaintext
