@@ -415,10 +415,12 @@ class _AsyncBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         stream = await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        if self._verify is not None:  # a TLS pool: start_tls answers for the TLS stream
+            return _AsyncStream(stream, self._verify, self._left)
         _answer_readable_directly(stream)
-        if self._verify is None and self._left == _UNCOUNTED:
+        if self._left == _UNCOUNTED:
             return stream  # plaintext, nothing to count: nothing in between per read
-        return _AsyncStream(stream, self._verify, self._left)
+        return _AsyncStream(stream, None, self._left)
 
     async def connect_unix_socket(
         self,
