@@ -27,20 +27,16 @@ plugin that Debian does not ship).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from bench.harness import pinned
+from bench.harness import pinned, stop_group, wait_listening
 from meshware.exceptions import ConfigurationError
 from meshware.identity.ca import ServicePaths
 
@@ -262,20 +258,6 @@ def inbound_config(
     )
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"haproxy exited with {proc.returncode}:\n{log.read_text(errors='replace')}"
-            )
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"haproxy did not listen on {port} within {timeout:g} s")
-        time.sleep(0.05)
-
-
 class HAProxy:
     """One HAProxy process in the foreground, pinned to a core, for the length of a block.
 
@@ -333,21 +315,20 @@ class HAProxy:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        _wait_listening(self.port, self._proc, self.log_path, timeout=20.0)
+        log_path = self.log_path
+        wait_listening(
+            "haproxy",
+            self.port,
+            self._proc,
+            lambda: log_path.read_text(errors="replace"),
+            timeout=20.0,
+        )
 
     def stop(self) -> None:
         """Stop HAProxy (SIGTERM, then SIGKILL after 10 seconds)."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc is not None:
+            stop_group(proc, timeout=10.0)
 
     def __enter__(self) -> HAProxy:
         self.start()

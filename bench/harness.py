@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,27 +50,54 @@ def server(cmd: Sequence[str], port: int, *, env: dict[str, str] | None = None) 
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{err}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{' '.join(cmd)} did not listen on {port}")
-            time.sleep(0.05)
+
+        def errors() -> str:
+            return proc.stderr.read().decode() if proc.stderr else ""
+
+        wait_listening(" ".join(cmd), port, proc, errors, timeout=30.0)
         yield port
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, timeout=15.0)
         if proc.stderr:
             proc.stderr.close()
+
+
+def wait_listening(
+    name: str,
+    port: int,
+    proc: subprocess.Popen[bytes],
+    output: Callable[[], str],
+    *,
+    timeout: float,
+) -> None:
+    """Return once something accepts connections on ``port`` of 127.0.0.1.
+
+    Raises:
+        RuntimeError: ``proc`` exited first (the message ends with ``output()``).
+        TimeoutError: nothing listened within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{output()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} did not listen on {port} within {timeout:g} s")
+        time.sleep(0.05)
+
+
+def stop_group(proc: subprocess.Popen[bytes], *, timeout: float) -> None:
+    """Stop a process started in a session of its own, and its children: SIGTERM to the
+    group, then SIGKILL after ``timeout`` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @dataclass

@@ -40,8 +40,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -63,7 +61,17 @@ from bench.haproxy import (
     inbound_config,
     outbound_config,
 )
-from bench.harness import ROOT, free_port, machine_summary, pinned, python, replace_section, wrk
+from bench.harness import (
+    ROOT,
+    free_port,
+    machine_summary,
+    pinned,
+    python,
+    replace_section,
+    stop_group,
+    wait_listening,
+    wrk,
+)
 from bench.resources import CpuMeter, cpu_ms_per_1000, rss_bytes
 from bench.sidecar_apps import CLIENT, SERVER
 from meshware.exceptions import ConfigurationError
@@ -384,33 +392,17 @@ class Service:
         proc = self._proc
         if proc is None:
             raise RuntimeError(f"{self.name} was not started")
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                text = self.log_path.read_text(errors="replace") if self.log_path else ""
-                raise RuntimeError(f"{self.name} exited with {proc.returncode}:\n{text[-4000:]}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), 0.2),
-            ):
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} did not listen on {self.port}")
-            time.sleep(0.05)
+
+        def tail() -> str:
+            return self.log_path.read_text(errors="replace")[-4000:] if self.log_path else ""
+
+        wait_listening(self.name, self.port, proc, tail, timeout=timeout)
 
     def stop(self) -> None:
         """Stop the process (SIGTERM, then SIGKILL after 15 seconds)."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc is not None:
+            stop_group(proc, timeout=15.0)
 
 
 def _uvicorn(app: str, port: int, *extra: str) -> list[str]:
