@@ -168,21 +168,24 @@ def _bool(value: object) -> bool:
     raise ConfigurationError("expected true or false (or 1/0, yes/no, on/off)", value=value)
 
 
-def _number(value: object) -> float:
+def _finite(value: object) -> float | None:
+    """A finite number, from a number or its text; ``None`` for anything else."""
     number: object = value
     if isinstance(value, str):
         try:
             number = float(value.strip())
         except ValueError:
-            number = None
-    if (
-        isinstance(number, bool)
-        or not isinstance(number, (int, float))
-        or not math.isfinite(number)
-        or number <= 0
-    ):
+            return None
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        return None
+    return float(number) if math.isfinite(number) else None
+
+
+def _number(value: object) -> float:
+    number = _finite(value)
+    if number is None or number <= 0:
         raise ConfigurationError("expected a positive number of seconds", value=value)
-    return float(number)
+    return number
 
 
 def _optional_number(value: object) -> float | None:
@@ -192,20 +195,10 @@ def _optional_number(value: object) -> float | None:
 
 
 def _ratio(value: object) -> float:
-    number: object = value
-    if isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            number = None
-    if (
-        isinstance(number, bool)
-        or not isinstance(number, (int, float))
-        or not math.isfinite(number)
-        or not 0.0 <= number <= 1.0
-    ):
+    number = _finite(value)
+    if number is None or not 0.0 <= number <= 1.0:
         raise ConfigurationError("expected a ratio from 0 to 1", value=value)
-    return float(number)
+    return number
 
 
 def _path(value: object) -> str | None:
