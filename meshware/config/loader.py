@@ -526,56 +526,66 @@ class _Checker:
             )
             bad.add(id(resource))
 
-    def _routes(self, bad: set[int]) -> None:
+    def _unique(
+        self,
+        kind: str,
+        claims: Callable[[object], Iterable[tuple[str, str]]],
+        clash: Callable[[LoadedResource], str],
+        bad: set[int],
+    ) -> None:
+        # Each key (a host, a service) belongs to one resource of the kind: ``claims(value)``
+        # gives (field, key) pairs, and a later claimant is reported with ``clash(first)``.
         owners: dict[str, LoadedResource] = {}
-        for resource in self.of_kind("VirtualService"):
-            if not isinstance(resource.value, VirtualService):
-                continue
-            for index, host in enumerate(resource.value.hosts):
-                first = owners.setdefault(host, resource)
+        for resource in self.of_kind(kind):
+            for where, key in claims(resource.value):
+                first = owners.setdefault(key, resource)
                 if first is not resource:
-                    self.at(
-                        resource,
-                        f"spec.hosts[{index}]",
-                        f"this host is routed by VirtualService {first.name} too ({first.where});"
-                        " merge their routes into one",
-                        host,
-                    )
+                    self.at(resource, where, clash(first), key)
                     bad.add(id(resource))
+
+    def _routes(self, bad: set[int]) -> None:
+        def hosts(value: object) -> Iterable[tuple[str, str]]:
+            if isinstance(value, VirtualService):
+                yield from ((f"spec.hosts[{i}]", host) for i, host in enumerate(value.hosts))
+
+        self._unique(
+            "VirtualService",
+            hosts,
+            lambda first: (
+                f"this host is routed by VirtualService {first.name} too "
+                f"({first.where}); merge their routes into one"
+            ),
+            bad,
+        )
 
     def _destinations(self, bad: set[int]) -> None:
-        owners: dict[str, LoadedResource] = {}
-        for resource in self.of_kind("DestinationRule"):
-            if not isinstance(resource.value, DestinationRule):
-                continue
-            host = resource.value.host
-            first = owners.setdefault(host, resource)
-            if first is not resource:
-                self.at(
-                    resource,
-                    "spec.host",
-                    f"DestinationRule {first.name} ({first.where}) has this host too; one rule "
-                    "per host",
-                    host,
-                )
-                bad.add(id(resource))
+        def host(value: object) -> Iterable[tuple[str, str]]:
+            if isinstance(value, DestinationRule):
+                yield "spec.host", value.host
+
+        self._unique(
+            "DestinationRule",
+            host,
+            lambda first: (
+                f"DestinationRule {first.name} ({first.where}) has this host too; one rule per host"
+            ),
+            bad,
+        )
 
     def _registries(self, bad: set[int]) -> None:
-        owners: dict[str, LoadedResource] = {}
-        for resource in self.of_kind("ServiceRegistry"):
-            if not isinstance(resource.value, StaticRegistry):
-                continue
-            for service in sorted(resource.value.services):
-                first = owners.setdefault(service, resource)
-                if first is not resource:
-                    self.at(
-                        resource,
-                        f"spec.services.{service}",
-                        f"ServiceRegistry {first.name} ({first.where}) lists this service too; "
-                        "list each service once",
-                        service,
-                    )
-                    bad.add(id(resource))
+        def services(value: object) -> Iterable[tuple[str, str]]:
+            if isinstance(value, StaticRegistry):
+                yield from ((f"spec.services.{name}", name) for name in sorted(value.services))
+
+        self._unique(
+            "ServiceRegistry",
+            services,
+            lambda first: (
+                f"ServiceRegistry {first.name} ({first.where}) lists this service "
+                "too; list each service once"
+            ),
+            bad,
+        )
 
     def _related(self, a: LoadedResource, b: LoadedResource) -> bool:
         # Whether one workload can be subject to both resources.
