@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -118,3 +119,14 @@ def issue_pki(directory: Path, *services: str) -> Path:
     for service in services:
         ca.issue(service)
     return directory
+
+
+def client_context(pki: str | os.PathLike[str], service: str | None) -> ssl.SSLContext:
+    """An ``ssl.SSLContext`` trusting ``pki``'s bundle, with ``service``'s certificate (if any)."""
+    from meshware.identity.ca import ServicePaths
+
+    ctx = ssl.create_default_context(cafile=os.path.join(pki, "bundle.pem"))
+    if service is not None:
+        paths = ServicePaths.under(pki, service, "default")
+        ctx.load_cert_chain(paths.cert, paths.key)
+    return ctx

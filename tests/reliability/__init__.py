@@ -186,19 +186,6 @@ def __getattr__(name: str) -> Any:
 SERVICES = ("vault", "users", "admin", "gateway")
 
 
-def client_context(pki: str | os.PathLike[str], service: str | None) -> Any:
-    """An ``ssl.SSLContext`` trusting ``pki``'s bundle, with ``service``'s certificate (if any)."""
-    import ssl
-
-    from meshware.identity.ca import ServicePaths
-
-    ctx = ssl.create_default_context(cafile=os.path.join(pki, "bundle.pem"))
-    if service is not None:
-        paths = ServicePaths.under(pki, service, "default")
-        ctx.load_cert_chain(paths.cert, paths.key)
-    return ctx
-
-
 def raw_request(
     port: int, ctx: Any, head: bytes, *, timeout: float = 10.0
 ) -> tuple[int | None, bytes]:

@@ -27,13 +27,13 @@ from pathlib import Path
 import httpx
 
 from meshware.identity.ca import LocalCA
-from tests.reliability import SERVICES, client_context
+from tests.reliability import SERVICES
 from tests.reliability.mesh_instances import kill_under_load
 from tests.reliability.test_faults import _storm, amplification_bound
 from tests.reliability.test_overload import overload as run_overload
 from tests.reliability.test_redis_outage import LIMIT
 from tests.reliability.test_redis_outage import redis_outage as run_redis_outage
-from tests.servers import PROCESSES, ROOT, free_port, meshware_serve
+from tests.servers import PROCESSES, ROOT, client_context, free_port, meshware_serve
 
 DOC = ROOT / "docs" / "reliability.md"
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"

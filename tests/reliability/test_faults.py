@@ -32,8 +32,8 @@ from meshware.outbound.discovery import StaticRegistry
 from meshware.outbound.endpoints import Endpoint
 from meshware.outbound.retry import RetryPolicy
 from meshware.testing import fault_injecting_transport
-from tests.reliability import SERVICES, client_context
-from tests.servers import PROCESSES, free_port, meshware_serve
+from tests.reliability import SERVICES
+from tests.servers import PROCESSES, client_context, free_port, meshware_serve
 
 BACKEND = "tests.integration.apps:backend"
 RATIO = 0.2  # OutboundConfig's default retry budget ratio

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from meshware.identity.ca import LocalCA
-from tests.reliability import SERVICES, client_context, executions
-from tests.servers import meshware_serve
+from tests.reliability import SERVICES, executions
+from tests.servers import client_context, meshware_serve
 
 pytestmark = pytest.mark.integration
 

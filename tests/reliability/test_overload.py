@@ -21,8 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.reliability import client_context
-from tests.servers import PROCESSES, free_port, issue_pki, meshware_serve
+from tests.servers import PROCESSES, client_context, free_port, issue_pki, meshware_serve
 
 RATE_APP = "tests.server.mesh_apps:asgi_stack"
 PROBE_TIMEOUT = 2.0  # "did not collapse": far above any probe of a live server

@@ -21,8 +21,7 @@ import httpx
 import pytest
 
 from tests.redis_server import RedisServer
-from tests.reliability import client_context
-from tests.servers import issue_pki, meshware_serve
+from tests.servers import client_context, issue_pki, meshware_serve
 
 BACKEND = "tests.integration.apps:backend"
 LIMIT = 5  # per shopper per minute

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import ssl
 import subprocess
 import threading
 import time
@@ -25,12 +24,11 @@ import pytest
 
 from meshware.config.reload import ConfigWatcher
 from meshware.exceptions import ConfigurationError
-from meshware.identity.ca import LocalCA, ServicePaths
 from meshware.introspection import Introspection, outbound_state_of
 from meshware.outbound.client import mesh_sync_client
 from meshware.outbound.reloadable import OutboundReloader, ReloadableRouteTable
 from meshware.server.serve import ServeOptions
-from tests.servers import MESHWARE, ROOT, free_port, meshware_serve
+from tests.servers import MESHWARE, ROOT, client_context, free_port, issue_pki, meshware_serve
 
 pytestmark = pytest.mark.integration
 
@@ -61,18 +59,11 @@ BROKEN = USERS.replace("principals:", "principalz:")
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cert_dir = tmp_path_factory.mktemp("pki")
-    ca = LocalCA.init(cert_dir)
-    for service in ("catalog", "users", "shipping"):
-        ca.issue(service)
-    return cert_dir
+    return issue_pki(tmp_path_factory.mktemp("pki"), "catalog", "users", "shipping")
 
 
 def caller(pki: Path, service: str) -> httpx.Client:
-    ctx = ssl.create_default_context(cafile=str(pki / "bundle.pem"))
-    paths = ServicePaths.under(pki, service, "default")
-    ctx.load_cert_chain(paths.cert, paths.key)
-    return httpx.Client(verify=ctx, timeout=10)
+    return httpx.Client(verify=client_context(pki, service), timeout=10)
 
 
 def rewrite(path: Path, text: str) -> None:

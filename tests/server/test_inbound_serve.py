@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -19,8 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshware.identity.ca import LocalCA, ServicePaths
-from tests.servers import PROCESSES, free_port, meshware_serve
+from tests.servers import PROCESSES, client_context, free_port, issue_pki, meshware_serve
 
 pytestmark = pytest.mark.integration
 
@@ -33,18 +31,11 @@ SERVERS = ["uvicorn", "gunicorn"]
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cert_dir = tmp_path_factory.mktemp("pki")
-    ca = LocalCA.init(cert_dir)
-    for service in ("catalog", "users", "shipping"):
-        ca.issue(service)
-    return cert_dir
+    return issue_pki(tmp_path_factory.mktemp("pki"), "catalog", "users", "shipping")
 
 
 def caller(pki: Path, service: str) -> httpx.Client:
-    ctx = ssl.create_default_context(cafile=str(pki / "bundle.pem"))
-    paths = ServicePaths.under(pki, service, "default")
-    ctx.load_cert_chain(paths.cert, paths.key)
-    return httpx.Client(verify=ctx, timeout=10)
+    return httpx.Client(verify=client_context(pki, service), timeout=10)
 
 
 def env(pki: Path, **extra: str) -> dict[str, str]:
