@@ -20,12 +20,11 @@ from meshware.identity.ca import LocalCA
 from tests.reliability import (
     ADMIN,
     SERVICES,
-    client_context,
     executions,
     get,
     raw_request,
 )
-from tests.servers import meshware_serve
+from tests.servers import client_context, meshware_serve
 
 pytestmark = pytest.mark.integration
 
