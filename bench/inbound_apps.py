@@ -98,9 +98,16 @@ def _peer() -> Any:
     return OpenTelemetryMiddleware(app, tracer_provider=provider)
 
 
+def _floor() -> Any:
+    """The lower bound of any in-process stack: see ``bench.inbound_floor``."""
+    from bench.inbound_floor import app
+
+    return app
+
+
 def __getattr__(name: str) -> Any:
     # Built on first access so that each server process builds only its own variant.
-    builders = {"meshware": _meshware, "peer": _peer}
+    builders = {"meshware": _meshware, "peer": _peer, "floor": _floor}
     if name in builders:
         value = builders[name]()
         globals()[name] = value

@@ -30,6 +30,7 @@ from bench.inbound_apps import XFCC
 VARIANTS = {
     "bare Starlette": "bare",
     "meshware stack": "meshware",
+    "hand-fused floor (lower bound, see bench/inbound_floor.py)": "floor",
     "peer stack (otel + instrumentator + slowapi)": "peer",
 }
 

@@ -4,6 +4,7 @@ consistent and be positive."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.util
 import json
@@ -14,10 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import bench.inbound_apps as apps
 from bench import sidecar
 from bench.haproxy import ProxySettings, combined_pem, haproxy_binary, inbound_config
 from bench.plots import parse_markdown_tables
@@ -380,3 +383,27 @@ def test_markdown_tables_never_fail(text: str) -> None:
     for title, rows in parse_markdown_tables(text):
         assert isinstance(title, str)
         assert rows and all(list(row) == list(rows[0]) for row in rows)
+
+
+# --- the inbound benchmark's lower bound does what the meshware stack does --------------------
+
+
+@pytest.mark.parametrize("caller", ["orders", "shipping"])
+def test_inbound_floor_answers_as_the_meshware_stack(caller: str) -> None:
+    """The hand-fused floor is only a fair lower bound while it does the same observable
+    work: the same status, the request id echoed, the RateLimit fields of the same rule."""
+    xfcc = f"URI=spiffe://cluster.local/ns/default/sa/{caller}"
+
+    async def call(app: Any) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5555))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            return await client.get("/api/items/1", headers={"x-forwarded-client-cert": xfcc})
+
+    meshware, floor = (asyncio.run(call(app)) for app in (apps.meshware, apps.floor))
+    assert floor.status_code == meshware.status_code == (200 if caller == "orders" else 403)
+    if caller == "orders":
+        assert floor.json() == meshware.json()
+        for response in (floor, meshware):
+            assert len(response.headers["x-request-id"]) == 32
+            assert response.headers["ratelimit-policy"] == '"per-caller";q=1000000;w=1'
+            assert response.headers["ratelimit"].startswith('"per-caller";r=')
