@@ -47,6 +47,9 @@ class RequestRecord:
         facts: the request's :class:`~meshware.policy.facts.RequestFacts`, built once by the
             first layer that needs them (see ``meshware.inbound.facts``) and shared by the
             layers after it.
+        response_headers: header fields (ASGI pairs) for the telemetry layer to add to the
+            response along with the request id; the fused stack path puts the rate-limit
+            fields here instead of wrapping ``send`` once more.
     """
 
     request_id: str | None = None
@@ -65,6 +68,7 @@ class RequestRecord:
     claims: Mapping[str, Any] | None = None
     authz_rule: int | None = None
     facts: RequestFacts | None = None
+    response_headers: list[tuple[bytes, bytes]] | None = None
 
 
 def record_of(mapping: MutableMapping[str, Any]) -> RequestRecord:

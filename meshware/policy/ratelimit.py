@@ -47,6 +47,7 @@ __all__ = [
     "KeyPart",
     "KeySpec",
     "Rate",
+    "RateLimitCharges",
     "RateLimitDecision",
     "RateLimitKey",
     "RateLimitMatch",
@@ -909,6 +910,10 @@ _NOT_LIMITED = RateLimitDecision(allowed=True)
 
 _Plan = list[tuple[RateLimitRule, str]]
 
+RateLimitCharges: TypeAlias = "tuple[list[tuple[RateLimitRule, str]], list[Acquisition]]"
+"""What one request charges: each applicable rule with its bucket key, and the backend
+acquisitions; from :meth:`RateLimiter.charges_for`, for :meth:`RateLimiter.charge_async`."""
+
 _DECISION_FIELDS: Final = (
     "allowed",
     "status",
@@ -1080,9 +1085,15 @@ class RateLimiter:
             header_mode=self._mode,
         )
 
-    def _plan(
-        self, facts: RequestFacts, route_rules: Sequence[RateLimitRule]
-    ) -> tuple[_Plan, list[Acquisition]]:
+    def charges_for(
+        self, facts: RequestFacts, route_rules: Sequence[RateLimitRule] = ()
+    ) -> RateLimitCharges:
+        """The buckets a request charges: each service-wide rule and each of ``route_rules``
+        that applies, with the bucket key its key builds from ``facts``.
+
+        The answer depends on ``facts`` only, so a caller that sees the same facts again may
+        keep it and charge it once per request with :meth:`charge_async`.
+        """
         plan: _Plan = []
         charges: list[Acquisition] = []
         for rule, bucket, build, matches, rate in self._compiled:
@@ -1112,12 +1123,23 @@ class RateLimiter:
             The decision. A backend failure does not raise: it becomes the failure-mode
             decision with ``backend_error=True``.
         """
-        plan, charges = self._plan(facts, route_rules)
+        return self.charge(self.charges_for(facts, route_rules))
+
+    @property
+    def in_process(self) -> bool:
+        """Whether the backend keeps its buckets in this process (``memory://``): then
+        :meth:`charge` never waits and an event loop may call it."""
+        return type(self.backend) is self._memory
+
+    def charge(self, charges: RateLimitCharges) -> RateLimitDecision:
+        """Charge the buckets of :meth:`charges_for` for one request and decide (blocking,
+        unless :attr:`in_process`); the result is :meth:`decide`'s."""
+        plan, acquisitions = charges
         if not plan:
             return _NOT_LIMITED
         now = self._clock()
         try:
-            results = self.backend.acquire_many(charges, now)
+            results = self.backend.acquire_many(acquisitions, now)
         except BackendUnavailable as exc:
             return self._backend_failed(exc, now)
         return self._combine(plan, results)
@@ -1126,7 +1148,12 @@ class RateLimiter:
         self, facts: RequestFacts, *, route_rules: Sequence[RateLimitRule] = ()
     ) -> RateLimitDecision:
         """The non-blocking twin of :meth:`decide`, for ASGI; same arguments and result."""
-        plan, charges = self._plan(facts, route_rules)
+        return await self.charge_async(self.charges_for(facts, route_rules))
+
+    async def charge_async(self, charges: RateLimitCharges) -> RateLimitDecision:
+        """Charge the buckets of :meth:`charges_for` for one request and decide, without
+        blocking; the result is :meth:`decide_async`'s."""
+        plan, acquisitions = charges
         if not plan:
             return _NOT_LIMITED
         now = self._clock()
@@ -1134,9 +1161,9 @@ class RateLimiter:
         try:
             if type(backend) is self._memory:
                 # Its awaitable twin only wraps this; calling it directly saves a coroutine.
-                results = backend.acquire_many(charges, now)
+                results = backend.acquire_many(acquisitions, now)
             else:
-                results = await backend.acquire_many_async(charges, now)
+                results = await backend.acquire_many_async(acquisitions, now)
         except BackendUnavailable as exc:
             return self._backend_failed(exc, now)
         return self._combine(plan, results)

@@ -9,7 +9,7 @@ shells share. See ``docs/authorization.md``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Final
+from typing import Final, TypeAlias
 from urllib.parse import unquote
 
 from meshware.exceptions import ConfigurationError
@@ -21,7 +21,14 @@ from meshware.policy.authz import AuthorizationPolicy, Authorizer, AuthzDecision
 from meshware.policy.paths import DEFAULT_PATH_NORMALIZATION, InvalidPath, PathNormalization
 from meshware.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["AUDIT_FIELD", "DENIED_DETAIL", "AuthorizationMiddleware", "AuthzCore"]
+__all__ = [
+    "AUDIT_FIELD",
+    "DENIED_DETAIL",
+    "AuthorizationMiddleware",
+    "AuthzCore",
+    "SavedPath",
+    "restore_path",
+]
 
 DENIED_DETAIL: Final = "RBAC: access denied"
 """The ``detail`` of a 403 answer: Envoy's RBAC filter's text, which Istio users know."""
@@ -162,6 +169,49 @@ class AuthzCore:
         self._by_handler[id(handler)] = entry
         return entry[1], entry[2]
 
+    def admit_scope(
+        self, scope: Scope, record: RequestRecord
+    ) -> tuple[tuple[int, bytes] | None, SavedPath | None, AuthzDecision | None]:
+        """Normalize the path of an ASGI request, find its route and decide on it.
+
+        Returns:
+            ``(refusal, saved, decision)``: the ``(status, body)`` to refuse the request with
+            (400 for a path that cannot be normalized, 403 when denied) or ``None``; the
+            scope's path before it was rewritten to the normalized one, for
+            :func:`restore_path` once the request is served (``None`` when unchanged); and the
+            decision (``None`` when no policy applies). The decision, route and facts are
+            noted in ``record``.
+        """
+        facts = record.facts
+        raw = raw_path_of_scope(scope) if facts is None else facts.path
+        try:
+            path = self.normalize(raw)
+        except InvalidPath as exc:
+            return (400, self.invalid_path(record, exc)), None, None
+        saved: SavedPath | None = None
+        if path != raw:
+            saved = (scope["path"], scope.get("raw_path"))
+            _rewrite(scope, raw, path)
+        try:
+            authorizer, needs_headers = self.default
+            if self.routes is not None:
+                match = route_of_scope(scope, self.routes, record)
+                authorizer, needs_headers = self.for_handler(
+                    None if match is None else match.handler
+                )
+            if authorizer is None:
+                if saved is not None and record.facts is not None:
+                    record.facts = updated(record.facts, path=path)
+                return None, saved, None
+            facts = facts_from_scope(scope, record, headers=needs_headers, path=path)
+            decision = authorizer.decide(facts)
+        except BaseException:
+            if saved is not None:
+                restore_path(scope, saved)
+            raise
+        denied = self.decided(record, decision)
+        return (None if denied is None else (403, denied)), saved, decision
+
     @staticmethod
     def invalid_path(record: RequestRecord, exc: InvalidPath) -> bytes:
         """Note an unusable path on the record; return the 400 body."""
@@ -268,47 +318,38 @@ class AuthorizationMiddleware:
         self.authorizer = self._core.authorizer
         self.routes = routes
 
+    @property
+    def core(self) -> AuthzCore:
+        """The shell-neutral part, shared with the fused stack path."""
+        return self._core
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
-        core = self._core
-        record = scope.get(RECORD_KEY) or record_of(scope)
-        facts = record.facts
-        raw = raw_path_of_scope(scope) if facts is None else facts.path
+        refused, saved, _ = self._core.admit_scope(scope, scope.get(RECORD_KEY) or record_of(scope))
         try:
-            path = core.normalize(raw)
-        except InvalidPath as exc:
-            await _refuse(send, kind, 400, core.invalid_path(record, exc))
-            return
-        saved = None
-        if path != raw:
-            saved = (scope["path"], scope.get("raw_path"))
-            _rewrite(scope, raw, path)
-        try:
-            authorizer, needs_headers = core.default
-            if core.routes is not None:
-                match = route_of_scope(scope, core.routes, record)
-                authorizer, needs_headers = core.for_handler(
-                    None if match is None else match.handler
-                )
-            if authorizer is not None:
-                facts = facts_from_scope(scope, record, headers=needs_headers, path=path)
-                denied = core.decided(record, authorizer.decide(facts))
-                if denied is not None:
-                    await _refuse(send, kind, 403, denied)
-                    return
-            elif saved is not None and record.facts is not None:
-                record.facts = updated(record.facts, path=path)
+            if refused is not None:
+                await _refuse(send, kind, *refused)
+                return
             await self.app(scope, receive, send)
         finally:
             if saved is not None:
-                scope["path"] = saved[0]
-                if saved[1] is None:
-                    scope.pop("raw_path", None)
-                else:
-                    scope["raw_path"] = saved[1]
+                restore_path(scope, saved)
+
+
+SavedPath: TypeAlias = "tuple[str, bytes | None]"
+"""A scope's ``path`` and ``raw_path`` before the authorization layer rewrote them."""
+
+
+def restore_path(scope: Scope, saved: SavedPath) -> None:
+    """Give the scope back the path it had before :meth:`AuthzCore.admit_scope` rewrote it."""
+    scope["path"] = saved[0]
+    if saved[1] is None:
+        scope.pop("raw_path", None)
+    else:
+        scope["raw_path"] = saved[1]
 
 
 def _rewrite(scope: Scope, raw: str, path: str) -> None:

@@ -28,12 +28,13 @@ from meshware.outbound.deadline import (
 )
 from meshware.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["DEADLINE_ERROR_FIELD", "DeadlineCore", "DeadlineMiddleware"]
+__all__ = ["DEADLINE_ERROR_FIELD", "TIMEOUT_HEADER_BYTES", "DeadlineCore", "DeadlineMiddleware"]
 
 DEADLINE_ERROR_FIELD: Final = "deadline_error"
 """The ``RequestRecord.extra`` key (and access-log field) of a malformed header's reason."""
 
-_HEADER_BYTES: Final = TIMEOUT_HEADER.encode("ascii")
+TIMEOUT_HEADER_BYTES: Final = TIMEOUT_HEADER.encode("ascii")
+"""The deadline header's name as ASGI spells header names."""
 
 
 def _seconds(value: object, name: str) -> float | None:
@@ -152,13 +153,18 @@ class DeadlineMiddleware:
         self.app = app
         self._core = DeadlineCore(default_timeout, max_timeout, clock)
 
+    @property
+    def core(self) -> DeadlineCore:
+        """The shell-neutral part, shared with the fused stack path."""
+        return self._core
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         header = None
         for name, value in scope["headers"]:
-            if name == _HEADER_BYTES:
+            if name == TIMEOUT_HEADER_BYTES:
                 header = value
                 break
         core = self._core

@@ -48,6 +48,12 @@ class HealthMiddleware(HealthMiddlewareBase[ASGIApp]):
         # sends a request first, and serving requests means it has started.
         self._first_call = ready_on_start
 
+    @property
+    def awaiting_first_request(self) -> bool:
+        """Whether the next request marks the service ready (no lifespan seen yet): such a
+        request must pass through this layer, not around it."""
+        return self._first_call
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
         if scope_type == "http":

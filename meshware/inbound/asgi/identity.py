@@ -7,7 +7,7 @@ from typing import Any
 
 from meshware.identity.resolve import IdentityResolver, TrustedProxies
 from meshware.inbound.identity import missing_identity_body, refusal
-from meshware.inbound.record import IDENTITY_KEY, RECORD_KEY, record_of
+from meshware.inbound.record import IDENTITY_KEY, RECORD_KEY, RequestRecord, record_of
 from meshware.inbound.responses import send_json
 from meshware.types import ASGIApp, Receive, Scope, Send
 
@@ -58,15 +58,31 @@ class IdentityMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        refused = self.admit(scope, scope.get(RECORD_KEY))
+        if refused is None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "http":
+            await send_json(send, *refused)
+        else:
+            await send({"type": "websocket.close", "code": 1008})
+
+    def admit(self, scope: Scope, record: RequestRecord | None) -> tuple[int, bytes] | None:
+        """Resolve the caller of an ``http`` or ``websocket`` request and note it in the scope
+        and the request's record; return the ``(status, body)`` to refuse it with, or ``None``.
+
+        Without ``record``, one is created in the scope only when there is something to note.
+        """
         resolution = self.resolver.resolve_scope(scope)
         identity = resolution.identity
         if identity is not None:
             scope[IDENTITY_KEY] = identity
-            (scope.get(RECORD_KEY) or record_of(scope)).identity = identity
+            record = record or record_of(scope)
+            record.identity = identity
         error = resolution.error
         problem = error.reason if error is not None else resolution.ignored
         if problem is not None:
-            (scope.get(RECORD_KEY) or record_of(scope)).identity_error = problem
+            record = record or record_of(scope)
+            record.identity_error = problem
         refused = None if error is None else refusal(resolution)
         if (
             refused is None
@@ -74,11 +90,6 @@ class IdentityMiddleware:
             and self.require_identity
             and scope["path"] not in self.exempt_paths
         ):
-            record_of(scope).identity_error = problem or "no-identity"
+            (record or record_of(scope)).identity_error = problem or "no-identity"
             refused = (403, missing_identity_body())
-        if refused is None:
-            await self.app(scope, receive, send)
-        elif scope["type"] == "http":
-            await send_json(send, *refused)
-        else:
-            await send({"type": "websocket.close", "code": 1008})
+        return refused

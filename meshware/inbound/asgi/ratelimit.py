@@ -19,6 +19,7 @@ from meshware.inbound.record import RECORD_KEY, RequestRecord, record_of
 from meshware.inbound.responses import json_body, send_json
 from meshware.inbound.routes import RouteResolver, route_of_scope
 from meshware.policy.ratelimit import (
+    RateLimitCharges,
     RateLimitDecision,
     RateLimiter,
     RateLimitKey,
@@ -110,6 +111,19 @@ class RateLimitCore:
             cached = (handler, rules, self.reads_headers or _reads_headers(rules))
             self._by_handler[id(handler)] = cached
         return cached[1], cached[2]
+
+    def charges_of_scope(self, scope: Scope, record: RequestRecord) -> RateLimitCharges | None:
+        """What an ASGI request charges (:meth:`RateLimiter.charges_for`: the service-wide
+        rules and its handler's own), or ``None`` when no rule may apply to it."""
+        route_rules, needs_headers = _NO_RULES, self.reads_headers
+        if self.routes is not None:
+            match = route_of_scope(scope, self.routes, record)
+            if match is not None:
+                route_rules, needs_headers = self.for_handler(match.handler)
+        if not (self.has_rules or route_rules):
+            return None
+        facts = facts_from_scope(scope, record, headers=needs_headers)
+        return self.limiter.charges_for(facts, route_rules)
 
     def encoded(self, decision: RateLimitDecision) -> list[tuple[bytes, bytes]]:
         """The header fields of an allowed decision (:meth:`RateLimitDecision.headers`), as
@@ -221,6 +235,11 @@ class RateLimitMiddleware:
         self.limiter = self._core.limiter
         self.routes = routes
 
+    @property
+    def core(self) -> RateLimitCore:
+        """The shell-neutral part, shared with the fused stack path."""
+        return self._core
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind != "http" and kind != "websocket":
@@ -228,16 +247,11 @@ class RateLimitMiddleware:
             return
         core = self._core
         record = scope.get(RECORD_KEY) or record_of(scope)
-        route_rules, needs_headers = _NO_RULES, core.reads_headers
-        if core.routes is not None:
-            match = route_of_scope(scope, core.routes, record)
-            if match is not None:
-                route_rules, needs_headers = core.for_handler(match.handler)
-        if not (core.has_rules or route_rules):
+        charges = core.charges_of_scope(scope, record)
+        if charges is None:
             await self.app(scope, receive, send)
             return
-        facts = facts_from_scope(scope, record, headers=needs_headers)
-        decision = await core.limiter.decide_async(facts, route_rules=route_rules)
+        decision = await core.limiter.charge_async(charges)
         if not decision.allowed:
             status, body, headers = core.refused(record, decision)
             if kind == "http":

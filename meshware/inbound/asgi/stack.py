@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Final
 
 from meshware.inbound.asgi.authz import AuthorizationMiddleware
 from meshware.inbound.asgi.deadline import DeadlineMiddleware
+from meshware.inbound.asgi.fused import FusedLayers
 from meshware.inbound.asgi.health import HealthMiddleware
 from meshware.inbound.asgi.identity import IdentityMiddleware
 from meshware.inbound.asgi.jwt import JwtAuthenticationMiddleware
@@ -97,11 +98,38 @@ def build_asgi_stack(
             :class:`~meshware.inbound.stack.InboundConfig`, the trust bundle file cannot be
             read, or a JWT key source is invalid.
     """
-    return assemble_stack(
+    stack = assemble_stack(
         MeshStack,
         _MIDDLEWARE,
         app,
         config,
         rate_limit_backend=rate_limit_backend,
         tracer_provider=tracer_provider,
+    )
+    _fuse(stack)
+    return stack
+
+
+def _fuse(stack: MeshStack) -> None:
+    """Serve the HTTP requests the telemetry layer measures through :class:`FusedLayers`
+    (the layers after it in one call), when the stack has a telemetry layer and no JWT one."""
+    layers = stack.layers
+    if not layers or not isinstance(layers[0], TelemetryMiddleware):
+        return
+    telemetry = layers[0]
+    found = {type(layer): layer for layer in layers[1:]}
+    if JwtAuthenticationMiddleware in found:
+        return
+    health = found.get(HealthMiddleware)
+    deadline = found.get(DeadlineMiddleware)
+    authz = found.get(AuthorizationMiddleware)
+    ratelimit = found.get(RateLimitMiddleware)
+    telemetry.handler = FusedLayers(
+        stack.app,
+        layered=telemetry.app,
+        health=health if isinstance(health, HealthMiddleware) else None,
+        deadline=deadline.core if isinstance(deadline, DeadlineMiddleware) else None,
+        identity=found.get(IdentityMiddleware),
+        authz=authz.core if isinstance(authz, AuthorizationMiddleware) else None,
+        ratelimit=ratelimit.core if isinstance(ratelimit, RateLimitMiddleware) else None,
     )

@@ -393,9 +393,16 @@ class TelemetryMiddleware:
 
     Raises:
         ConfigurationError: an argument is invalid.
+
+    Attributes:
+        app: the application it wraps: it serves every request this layer passes on.
+        handler: what serves the requests this layer measures; ``app`` unless a stack
+            builder fused the inner layers into one call (see
+            :mod:`meshware.inbound.asgi.fused`). Lifespan, websocket, skipped paths and the
+            metrics path always go to ``app``.
     """
 
-    __slots__ = ("_core", "_rid_bytes", "app")
+    __slots__ = ("_core", "_rid_bytes", "app", "handler")
 
     def __init__(
         self,
@@ -412,6 +419,7 @@ class TelemetryMiddleware:
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.app = app
+        self.handler: ASGIApp = app
         self._core = InboundTelemetry(
             workload=workload,
             metrics=metrics,
@@ -502,8 +510,13 @@ class TelemetryMiddleware:
                         echoed = True
                     elif grpc and lowered == b"grpc-status":
                         grpc_status = value.decode("latin-1")
+                added = record.response_headers
+                if added:
+                    response_headers = [*response_headers, *added]
                 if not echoed:
                     message["headers"] = [*response_headers, rid_pair]
+                elif added:
+                    message["headers"] = response_headers
             elif kind == "http.response.trailers" and grpc:
                 for name, value in message.get("headers") or ():
                     if name.lower() == b"grpc-status":
@@ -534,7 +547,7 @@ class TelemetryMiddleware:
         # Outbound calls made while serving the request propagate its id.
         rid_token = _set_request_id(request_id)
         try:
-            await self.app(scope, app_receive, send_wrapper)
+            await self.handler(scope, app_receive, send_wrapper)
         except Exception as exc:
             error = exc
             raise
