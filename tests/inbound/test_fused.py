@@ -268,3 +268,21 @@ def test_a_stack_without_telemetry_has_no_fused_path(peers: Peers) -> None:
     assert not any(
         isinstance(getattr(layer, "handler", None), FusedLayers) for layer in service.stack.layers
     )
+
+
+async def test_rate_limit_fields_reach_a_response_that_names_its_own_request_id(
+    peers: Peers,
+) -> None:
+    service = await started(peers)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"x-request-id", b"chosen-by-the-app"), (b"content-length", b"0")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    fused_of(service)._app = app
+    response = await service.request("GET", "/api/items/1", peer=ORDERS)
+
+    assert response.headers.get_list("x-request-id") == ["chosen-by-the-app"]
+    assert response.headers["ratelimit-policy"] == '"per-caller";q=2;w=60'
+    assert response.headers["ratelimit"].startswith('"per-caller";r=1;')

@@ -9,15 +9,16 @@ what the ASGI and WSGI shells share. See ``docs/rate-limiting.md``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from math import ceil as _ceil
-from typing import Final
+from typing import Any, Final
 
 from meshware.exceptions import ConfigurationError
 from meshware.inbound.facts import facts_from_scope
 from meshware.inbound.record import RECORD_KEY, RequestRecord, record_of
 from meshware.inbound.responses import json_body, send_json
-from meshware.inbound.routes import RouteResolver, route_of_scope
+from meshware.inbound.routes import RouteMatch, RouteResolver, route_of_scope
+from meshware.policy.facts import RequestFacts
 from meshware.policy.ratelimit import (
     RateLimitCharges,
     RateLimitDecision,
@@ -115,14 +116,28 @@ class RateLimitCore:
     def charges_of_scope(self, scope: Scope, record: RequestRecord) -> RateLimitCharges | None:
         """What an ASGI request charges (:meth:`RateLimiter.charges_for`: the service-wide
         rules and its handler's own), or ``None`` when no rule may apply to it."""
+        return self.charges_of(scope, record, route_of_scope, facts_from_scope)
+
+    def charges_of(
+        self,
+        request: MutableMapping[str, Any],
+        record: RequestRecord,
+        route_of: Callable[
+            [MutableMapping[str, Any], RouteResolver, RequestRecord], RouteMatch | None
+        ],
+        facts_of: Callable[..., RequestFacts],
+    ) -> RateLimitCharges | None:
+        """What a request charges, or ``None`` when no rule may apply to it: an ASGI scope
+        with :func:`route_of_scope` and :func:`facts_from_scope`, a WSGI environ with their
+        ``environ`` twins."""
         route_rules, needs_headers = _NO_RULES, self.reads_headers
         if self.routes is not None:
-            match = route_of_scope(scope, self.routes, record)
+            match = route_of(request, self.routes, record)
             if match is not None:
                 route_rules, needs_headers = self.for_handler(match.handler)
         if not (self.has_rules or route_rules):
             return None
-        facts = facts_from_scope(scope, record, headers=needs_headers)
+        facts = facts_of(request, record, headers=needs_headers)
         return self.limiter.charges_for(facts, route_rules)
 
     def encoded(self, decision: RateLimitDecision) -> list[tuple[bytes, bytes]]:

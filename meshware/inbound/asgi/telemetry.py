@@ -510,13 +510,15 @@ class TelemetryMiddleware:
                         echoed = True
                     elif grpc and lowered == b"grpc-status":
                         grpc_status = value.decode("latin-1")
-                added = record.response_headers
-                if added:
-                    response_headers = [*response_headers, *added]
+                added = record.response_headers  # the fused path's rate-limit fields
                 if not echoed:
-                    message["headers"] = [*response_headers, rid_pair]
+                    message["headers"] = (
+                        [*response_headers, *added, rid_pair]
+                        if added
+                        else [*response_headers, rid_pair]
+                    )
                 elif added:
-                    message["headers"] = response_headers
+                    message["headers"] = [*response_headers, *added]
             elif kind == "http.response.trailers" and grpc:
                 for name, value in message.get("headers") or ():
                     if name.lower() == b"grpc-status":

@@ -10,12 +10,10 @@ from meshware.inbound.facts import facts_from_environ
 from meshware.inbound.record import record_of
 from meshware.inbound.responses import start_json
 from meshware.inbound.routes import RouteResolver, route_of_environ
-from meshware.policy.ratelimit import RateLimiter, RateLimitPolicy, RateLimitRule
+from meshware.policy.ratelimit import RateLimiter, RateLimitPolicy
 from meshware.types import Environ, StartResponse, WSGIApp
 
 __all__ = ["RateLimitMiddleware"]
-
-_NO_RULES: tuple[RateLimitRule, ...] = ()
 
 
 class RateLimitMiddleware:
@@ -61,15 +59,10 @@ class RateLimitMiddleware:
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         core = self._core
         record = record_of(environ)
-        route_rules, needs_headers = _NO_RULES, core.reads_headers
-        if core.routes is not None:
-            match = route_of_environ(environ, core.routes, record)
-            if match is not None:
-                route_rules, needs_headers = core.for_handler(match.handler)
-        if not (core.has_rules or route_rules):
+        charges = core.charges_of(environ, record, route_of_environ, facts_from_environ)
+        if charges is None:
             return self.app(environ, start_response)
-        facts = facts_from_environ(environ, record, headers=needs_headers)
-        verdict = core.decided(record, core.limiter.decide(facts, route_rules=route_rules))
+        verdict = core.decided(record, core.limiter.charge(charges))
         if isinstance(verdict, tuple):
             status, body, headers = verdict
             return start_json(start_response, status, body, headers)
