@@ -359,7 +359,7 @@ def facts_from_environ(
         raw_path_of_environ(environ) if path is None else path,
         environ.get("QUERY_STRING", ""),
         host_without_port(environ.get("HTTP_HOST", "")),
-        int(port) if isinstance(port, str) and port.isdigit() else None,
+        int(port) if isinstance(port, str) and port.isascii() and port.isdigit() else None,
         environ_headers(environ) if headers else _UNCOLLECTED,
         environ.get("REMOTE_ADDR") or None,
         principal,

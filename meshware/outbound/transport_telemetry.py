@@ -271,7 +271,11 @@ class _TelemetryCore:
                 method=request.method,
                 status=status,
                 duration_s=duration,
-                request_bytes=int(length) if length is not None and length.isdigit() else 0,
+                request_bytes=(
+                    int(length)
+                    if length is not None and length.isascii() and length.isdigit()
+                    else 0
+                ),
                 response_bytes=response_bytes,
                 response_flags=flag,
                 destination_version=None if endpoint is None else endpoint.labels.get("version"),

@@ -880,3 +880,70 @@ async def test_a_failing_metrics_backend_never_fails_requests(
     warnings = [r.getMessage() for r in caplog.records if r.name == "meshware.telemetry"]
     assert warnings == ["could not record request metrics"]
     assert len(shell.spans()) == 2
+
+
+async def test_a_content_length_that_is_not_ascii_digits_is_not_trusted() -> None:
+    # "\xb2" is "²" in latin-1, a digit to str.isdigit() but not a number to int().
+    lines: list[dict[str, Any]] = []
+
+    class Lines(AccessLog):
+        def emit(self, **fields: Any) -> None:
+            lines.append(fields)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    layer = AsgiTelemetry(
+        app,
+        workload=WorkloadInfo(service="orders"),
+        metrics=MeshMetrics(),
+        access_log=Lines(handler=None),
+    )
+    scope = {
+        "type": "http", "method": "POST", "path": "/", "raw_path": b"/", "query_string": b"",
+        "headers": [(b"content-length", b"\xb2")], "http_version": "1.1", "scheme": "http",
+    }  # fmt: skip
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await layer(scope, receive, send)
+
+    assert sent[0]["status"] == 200
+    assert lines[0]["status"] == 200
+
+
+def test_a_wsgi_content_length_that_is_not_ascii_digits_is_not_trusted() -> None:
+    lines: list[dict[str, Any]] = []
+
+    class Lines(AccessLog):
+        def emit(self, **fields: Any) -> None:
+            lines.append(fields)
+
+    def app(environ: Any, start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    layer = WsgiTelemetry(
+        app,
+        workload=WorkloadInfo(service="orders"),
+        metrics=MeshMetrics(),
+        access_log=Lines(handler=None),
+    )
+    environ = {
+        "REQUEST_METHOD": "POST", "PATH_INFO": "/", "SERVER_NAME": "orders",
+        "SERVER_PORT": "\u00b2", "CONTENT_LENGTH": "\u00b2", "wsgi.url_scheme": "http",
+    }  # fmt: skip
+
+    result = layer(environ, lambda status, headers, exc_info=None: None)
+    body = b"".join(result)
+    getattr(result, "close", lambda: None)()  # the server's close() ends the request
+
+    assert body == b"ok"
+    assert lines[0]["status"] == 200

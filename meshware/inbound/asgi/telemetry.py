@@ -339,6 +339,10 @@ class InboundTelemetry:
             _internal_log.warning(message, exc_info=True)
 
 
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
+
+
 def _scope_route(scope: Scope) -> str | None:
     # Starlette and FastAPI leave the matched route in the scope.
     route = scope.get("route")
@@ -402,7 +406,7 @@ class TelemetryMiddleware:
             metrics path always go to ``app``.
     """
 
-    __slots__ = ("_core", "_rid_bytes", "app", "handler")
+    __slots__ = ("_core", "_reads_bytes", "_reads_seen", "_rid_bytes", "app", "handler")
 
     def __init__(
         self,
@@ -432,6 +436,8 @@ class TelemetryMiddleware:
             clock=clock,
         )
         self._rid_bytes = self._core.request_id_header.encode("latin-1")
+        self._reads_seen: frozenset[str] | None = None
+        self._reads_bytes: frozenset[bytes] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -450,10 +456,13 @@ class TelemetryMiddleware:
         log = core.access_log
         wall_start = 0.0 if log is None else log.now()
         raw_headers = scope["headers"]
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
+        # Names to values as the server gave them (a repeated name keeps its last value);
+        # decoded only where a value is used.
+        headers: dict[bytes, bytes] = dict(raw_headers)
         record = scope.get(RECORD_KEY) or record_of(scope)
         rid_name = self._rid_bytes
-        request_id = headers.get(core.request_id_header)
+        received = headers.get(rid_name)
+        request_id = None if received is None else received.decode("latin-1")
         if request_id is None or not valid_request_id(request_id):
             new_id = new_request_id()
             rid_pair = (rid_name, new_id.encode("latin-1"))
@@ -470,11 +479,12 @@ class TelemetryMiddleware:
 
         method: str = scope["method"]
         spans = core.spans
-        reads = spans.reads
+        reads = self._reads(spans.reads)
         if reads is not None and reads.isdisjoint(headers):
             span, ctx = spans.start_root(method)  # no trace context to extract
         else:
-            span, ctx = spans.start(method, headers, _DICT_GETTER)
+            carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
+            span, ctx = spans.start(method, carrier, _DICT_GETTER)
         if span.is_recording():
             client = scope.get("client")
             core.spans.set_request_attributes(
@@ -483,14 +493,14 @@ class TelemetryMiddleware:
                     "http.request.method": method,
                     "url.scheme": scope.get("scheme", "http"),
                     "url.path": path,
-                    "server.address": host_name(headers.get("host", "")),
-                    "user_agent.original": headers.get("user-agent"),
+                    "server.address": host_name(headers.get(b"host", b"").decode("latin-1")),
+                    "user_agent.original": _text(headers.get(b"user-agent")),
                     "client.address": client[0] if client else None,
                     "network.protocol.version": scope.get("http_version"),
                 },
             )
 
-        grpc = headers.get("content-type", "").startswith("application/grpc")
+        grpc = headers.get(b"content-type", b"").startswith(b"application/grpc")
         status = 0
         bytes_out = 0
         grpc_status: str | None = None
@@ -525,14 +535,14 @@ class TelemetryMiddleware:
                         grpc_status = value.decode("latin-1")
             await send(message)
 
-        content_length = headers.get("content-length")
+        content_length = headers.get(b"content-length")
         counted = 0
         app_receive = receive
         if content_length is not None and content_length.isdigit():
             bytes_in = int(content_length)
         else:
             bytes_in = -1
-            if "transfer-encoding" in headers or scope.get("http_version", "1.1").startswith(
+            if b"transfer-encoding" in headers or scope.get("http_version", "1.1").startswith(
                 ("2", "3")
             ):
 
@@ -575,10 +585,19 @@ class TelemetryMiddleware:
                 scope.get("http_version", "1.1"),
                 grpc,
                 grpc_status,
-                headers.get("user-agent"),
+                _text(headers.get(b"user-agent")),
                 error,
                 cancelled,
             )
+
+    def _reads(self, reads: frozenset[str] | None) -> frozenset[bytes] | None:
+        """The propagator's header names as ASGI spells them (kept for the set last seen)."""
+        if reads is not self._reads_seen:
+            self._reads_seen = reads
+            self._reads_bytes = (
+                None if reads is None else frozenset(name.encode("latin-1") for name in reads)
+            )
+        return self._reads_bytes
 
     async def _serve_metrics(self, scope: Scope, send: Send) -> None:
         method = scope["method"]

@@ -298,7 +298,8 @@ class TelemetryMiddleware:
         exchange.request_id = request_id
         exchange.grpc = environ.get("CONTENT_TYPE", "").startswith("application/grpc")
         content_length = environ.get("CONTENT_LENGTH")
-        if content_length and content_length.isdigit():
+        # isascii() first: str.isdigit() also accepts digits int() refuses ("²").
+        if content_length and content_length.isascii() and content_length.isdigit():
             exchange.bytes_in = int(content_length)
         elif "HTTP_TRANSFER_ENCODING" in environ or environ.get("wsgi.input_terminated"):
             stream = environ.get("wsgi.input")
@@ -311,7 +312,7 @@ class TelemetryMiddleware:
             status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
         ) -> Callable[[bytes], object]:
             code = status[:3]
-            exchange.status = int(code) if code.isdigit() else 0
+            exchange.status = int(code) if code.isascii() and code.isdigit() else 0
             echoed = False
             for name, value in headers:
                 lowered = name.lower()
