@@ -282,14 +282,9 @@ class Introspection:
             resolved = resolver.resolve(cluster.destination)
             endpoints = cluster.select(resolved) if resolved else ()
         else:
-            endpoints = cluster._memo[1]
+            endpoints = cluster.last_selected
         detector = cluster.detector
-        ejected_until: dict[Any, float] = {}
-        if detector is not None:
-            with detector._lock:
-                for key, host in detector._hosts.items():
-                    if host.ejected_until is not None and host.ejected_until > mono:
-                        ejected_until[key] = host.ejected_until
+        ejected_until = {} if detector is None else detector.ejected_until(mono)
         shown = []
         for endpoint in endpoints:
             until = ejected_until.get(endpoint)

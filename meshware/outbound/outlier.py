@@ -317,6 +317,15 @@ class OutlierDetector:
         self._emit(events)
         return active
 
+    def ejected_until(self, now: float) -> dict[Hashable, float]:
+        """The endpoints ejected at ``now`` (the detector's clock), with when each returns."""
+        with self._lock:
+            return {
+                key: host.ejected_until
+                for key, host in self._hosts.items()
+                if host.ejected_until is not None and host.ejected_until > now
+            }
+
     def on_result(
         self, endpoint: Hashable, *, status: int | None = None, local_origin_failure: bool = False
     ) -> bool:

@@ -685,7 +685,7 @@ class _ConnectionCore(Generic[_P]):
         # The state's default for clusters whose rule sets no connectionPool; fixed at its
         # construction (a reload replaces the rules only).
         self.default_pool: ConnectionPoolLimits | None = (
-            None if state is None else state._connection_pool
+            None if state is None else state.connection_pool
         )
         self.rules_seen: tuple[DestinationRules | None, bool] = (None, False)
         self.own_plaintext = own_plaintext and state is not None

@@ -287,6 +287,11 @@ class Cluster:
         self._memo = (endpoints, selected)
         return selected
 
+    @property
+    def last_selected(self) -> tuple[Endpoint, ...]:
+        """The endpoints :meth:`select` chose last (none before its first call)."""
+        return self._memo[1]
+
     def healthy(self, selected: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
         """``selected`` without the endpoints outlier detection has ejected (all of them in
         panic mode); ``selected`` itself when none is ejected."""
@@ -442,6 +447,11 @@ class OutboundState:
             if cluster is None:
                 cluster = self._clusters[key] = self._build(destination, subset)
         return cluster
+
+    @property
+    def connection_pool(self) -> ConnectionPoolLimits | None:
+        """The connection-pool limits of clusters whose DestinationRule sets none."""
+        return self._connection_pool
 
     def budget(self, destination: str) -> RetryBudget:
         """The retry budget of ``destination``, created on first use."""
