@@ -13,7 +13,7 @@ import pytest
 
 from meshware.config.reload import ConfigWatcher
 from meshware.exceptions import ConfigurationError
-from meshware.identity.ca import LocalCA, ServicePaths
+from meshware.identity.ca import ServicePaths
 from meshware.introspection import (
     Introspection,
     MeshzApp,
@@ -32,6 +32,7 @@ from meshware.outbound.transports import OutboundState
 from meshware.policy.facts import RequestFacts
 from meshware.policy.ratelimit import RateLimiter, RateLimitPolicy, RateLimitRule
 from meshware.server.tls import MtlsMode, ReloadingServerTLS
+from tests.servers import issue_pki
 
 WALL = 1_700_000_000.0
 
@@ -204,9 +205,7 @@ def test_config_section(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cert_dir = tmp_path_factory.mktemp("pki")
-    LocalCA.init(cert_dir).issue("catalog")
-    return cert_dir
+    return issue_pki(tmp_path_factory.mktemp("pki"), "catalog")
 
 
 def test_tls_section(pki: Path) -> None:

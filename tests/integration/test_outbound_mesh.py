@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 
-from meshware.identity.ca import LocalCA
 from meshware.outbound.call import TIMEOUT_KEY
 from meshware.outbound.client import OutboundConfig, mesh_client, mesh_sync_client
 from meshware.outbound.deadline import Deadline, deadline_scope, parse_timeout
@@ -36,7 +35,7 @@ from meshware.outbound.mirror import MirrorObserver
 from meshware.outbound.routing import RouteTable
 from meshware.telemetry.metrics import MeshMetrics
 from tests.reliability.mesh_instances import samples
-from tests.servers import kill_server, meshware_serve
+from tests.servers import issue_pki, kill_server, meshware_serve
 
 pytestmark = pytest.mark.integration
 
@@ -57,11 +56,7 @@ SUBSETS = DestinationRule.from_mapping(
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cert_dir = tmp_path_factory.mktemp("pki")
-    ca = LocalCA.init(cert_dir)
-    for service in SERVICES:
-        ca.issue(service)
-    return cert_dir
+    return issue_pki(tmp_path_factory.mktemp("pki"), *SERVICES)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 import pytest
 
-from meshware.identity.ca import LocalCA
 from meshware.introspection import outbound_state_of
 from meshware.outbound.call import CALL_KEY, CallPlan
 from meshware.outbound.client import OutboundConfig, mesh_client, mesh_sync_client
@@ -29,7 +28,7 @@ from meshware.outbound.reloadable import apply_destination_rules
 from meshware.outbound.transport_connection import AsyncConnectionTransport, ConnectionTransport
 from meshware.outbound.transports import OutboundState
 from meshware.telemetry.metrics import WorkloadInfo
-from tests.servers import meshware_serve
+from tests.servers import issue_pki, meshware_serve
 
 pytestmark = pytest.mark.integration
 
@@ -62,10 +61,7 @@ class Servers:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    cert_dir = tmp_path_factory.mktemp("pki")
-    ca = LocalCA.init(cert_dir)
-    ca.issue("orders")
-    ca.issue("payments")
+    cert_dir = issue_pki(tmp_path_factory.mktemp("pki"), "orders", "payments")
     quiet = ["--no-access-log"]
     with (
         meshware_serve(

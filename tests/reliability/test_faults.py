@@ -33,7 +33,7 @@ from meshware.outbound.endpoints import Endpoint
 from meshware.outbound.retry import RetryPolicy
 from meshware.testing import fault_injecting_transport
 from tests.reliability import SERVICES
-from tests.servers import PROCESSES, client_context, free_port, meshware_serve
+from tests.servers import PROCESSES, client_context, free_port, issue_pki, meshware_serve
 
 BACKEND = "tests.integration.apps:backend"
 RATIO = 0.2  # OutboundConfig's default retry budget ratio
@@ -110,11 +110,7 @@ async def test_the_budget_stops_a_retry_storm_at_sixty_percent_503s() -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cert_dir = tmp_path_factory.mktemp("pki")
-    ca = LocalCA.init(cert_dir)
-    for service in (*SERVICES, "backend"):
-        ca.issue(service)
-    return cert_dir
+    return issue_pki(tmp_path_factory.mktemp("pki"), *SERVICES, "backend")
 
 
 @pytest.mark.integration

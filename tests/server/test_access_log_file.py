@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from meshware.identity.ca import LocalCA, ServicePaths
-from tests.servers import MESHWARE, ROOT, meshware_serve
+from meshware.identity.ca import ServicePaths
+from tests.servers import MESHWARE, ROOT, issue_pki, meshware_serve
 
 pytestmark = pytest.mark.integration
 
@@ -21,11 +21,7 @@ APPS = {"uvicorn": "tests.server.echo_apps:asgi_app", "gunicorn": "tests.server.
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cert_dir = tmp_path_factory.mktemp("pki")
-    ca = LocalCA.init(cert_dir)
-    for service in ("orders", "users"):
-        ca.issue(service)
-    return cert_dir
+    return issue_pki(tmp_path_factory.mktemp("pki"), "orders", "users")
 
 
 def lines_of(path: Path, count: int, timeout: float = 15.0) -> list[dict[str, object]]:
