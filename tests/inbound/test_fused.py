@@ -286,3 +286,26 @@ async def test_rate_limit_fields_reach_a_response_that_names_its_own_request_id(
     assert response.headers.get_list("x-request-id") == ["chosen-by-the-app"]
     assert response.headers["ratelimit-policy"] == '"per-caller";q=2;w=60'
     assert response.headers["ratelimit"].startswith('"per-caller";r=1;')
+
+
+async def test_a_failing_key_function_leaves_the_path_as_received(
+    peers: Peers, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="meshware.access")
+
+    def broken(facts: Any) -> str:
+        raise RuntimeError("no key")
+
+    policy = RateLimitPolicy(rules=[RateLimitRule(name="broken", rate="5/second", key=broken)])
+    logged = []
+    for nested in (True, False):
+        service = await started(peers, nested=nested, rate_limit=policy)
+        caplog.clear()
+        with pytest.raises(RuntimeError, match="no key"):
+            await service.request("GET", "/api/items//1", peer=ORDERS)
+        (line,) = [
+            json.loads(r.getMessage()) for r in caplog.records if r.name == "meshware.access"
+        ]
+        logged.append((line["path"], line["status"]))
+
+    assert logged == [("/api/items//1", 500)] * 2

@@ -294,7 +294,12 @@ class FusedLayers:
                 return refusal, saved, None
         charges = None
         if refusal is None and self._ratelimit is not None:
-            charges = self._ratelimit.charges_of_scope(scope, record)
+            try:  # a key function is the application's code, and may raise
+                charges = self._ratelimit.charges_of_scope(scope, record)
+            except BaseException:
+                if saved is not None:
+                    restore_path(scope, saved)
+                raise
         caller = record.identity
         expires = math.inf
         if caller is not None and caller.not_after is not None:
