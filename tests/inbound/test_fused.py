@@ -18,10 +18,10 @@ from meshware.identity.bundle import TrustBundles
 from meshware.identity.ca import LocalCA
 from meshware.inbound.asgi.fused import FusedLayers
 from meshware.inbound.asgi.identity import IdentityMiddleware
-from meshware.policy.authz import AuthorizationPolicy, Condition, Rule, Source
+from meshware.policy.authz import AuthorizationPolicy, Condition, Operation, Rule, Source
 from meshware.policy.jwt import JwtRule
 from meshware.policy.ratelimit import RateLimitPolicy, RateLimitRule
-from tests.inbound.test_stack import BILLING, JWKS, ORDERS, Peers, Service
+from tests.inbound.test_stack import BILLING, JWKS, ORDERS, POLICIES, Peers, Service
 
 # Each (method, url, peer, headers) is sent twice in a row: once to work out the plan, once to
 # replay it.
@@ -39,6 +39,7 @@ REQUESTS: list[tuple[str, str, str | None, dict[str, str]]] = [
     ("GET", "/api/items/4", ORDERS, {"x-meshware-timeout": "2S"}),
     ("GET", "/api/items/5", BILLING, {"host": "orders.example.com:8443"}),
 ]
+ITEMS = Operation(paths=["/api/items/*"])
 # Fields that differ between any two requests.
 VARYING = {"time", "duration_ms", "request_id", "trace_id"}
 
@@ -91,11 +92,24 @@ async def replay(service: Service, caplog: pytest.LogCaptureFixture) -> list[tup
     return seen
 
 
+# Besides the stack tests' two policies: an AUDIT policy and a dry-run DENY, whose outcomes
+# go to the record (and the log) on every request too.
+WATCHED = [
+    *POLICIES,
+    AuthorizationPolicy(name="watch-items", action="AUDIT", rules=[Rule(to=[ITEMS])]),
+    AuthorizationPolicy(
+        name="try-deny-items", action="DENY", dry_run=True, rules=[Rule(to=[ITEMS])]
+    ),
+]
+
+
+@pytest.mark.parametrize("policies", [POLICIES, WATCHED], ids=["policies", "audit-and-dry-run"])
 async def test_the_fused_path_answers_logs_and_counts_as_the_nested_layers(
-    peers: Peers, caplog: pytest.LogCaptureFixture
+    peers: Peers, caplog: pytest.LogCaptureFixture, policies: list[AuthorizationPolicy]
 ) -> None:
     caplog.set_level(logging.INFO, logger="meshware.access")
-    nested, fused = await started(peers, nested=True), await started(peers)
+    nested = await started(peers, nested=True, policies=policies)
+    fused = await started(peers, policies=policies)
     assert isinstance(fused.stack.layers[0].handler, FusedLayers)
 
     expected = await replay(nested, caplog)
@@ -180,7 +194,7 @@ async def test_nothing_is_kept_for_a_refused_identity(peers: Peers, tmp_path: Pa
     service = await started(peers, rate_limit=None)
     stack = service.stack
 
-    async def server(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def server(scope: Any, receive: Any, send: Any) -> None:
         scope["extensions"] = {"tls": {"client_cert_chain": [pem]}}
         await stack(scope, receive, send)
 
@@ -220,13 +234,14 @@ async def test_a_plan_is_not_replayed_past_the_callers_certificate(
     assert plan.identity is not None and isinstance(plan.identity.not_after, datetime)
     expiry = plan.identity.not_after.timestamp()
     monkeypatch.setattr(fused_module, "_time", lambda: expiry + 1)
-    calls = []
+    calls: list[str] = []
     admit = IdentityMiddleware.admit
-    monkeypatch.setattr(
-        IdentityMiddleware,
-        "admit",
-        lambda self, scope, record: calls.append(1) or admit(self, scope, record),
-    )
+
+    def counting(self: IdentityMiddleware, scope: Any, record: Any) -> Any:
+        calls.append(scope["path"])
+        return admit(self, scope, record)
+
+    monkeypatch.setattr(IdentityMiddleware, "admit", counting)
 
     for _ in range(2):
         assert (await service.request("GET", "/api/items/1", peer=ORDERS)).status_code == 200
@@ -245,7 +260,7 @@ async def test_the_plans_kept_are_bounded(peers: Peers) -> None:
 
 
 async def test_rate_limits_are_charged_on_every_replayed_request(peers: Peers) -> None:
-    two = RateLimitPolicy(rules=[RateLimitRule(name="per-caller", rate="2/minute")])
+    two = RateLimitPolicy(rules=(RateLimitRule(name="per-caller", rate="2/minute"),))
     service = await started(peers, rate_limit=two)
 
     statuses = [
@@ -296,7 +311,7 @@ async def test_a_failing_key_function_leaves_the_path_as_received(
     def broken(facts: Any) -> str:
         raise RuntimeError("no key")
 
-    policy = RateLimitPolicy(rules=[RateLimitRule(name="broken", rate="5/second", key=broken)])
+    policy = RateLimitPolicy(rules=(RateLimitRule(name="broken", rate="5/second", key=broken),))
     logged = []
     for nested in (True, False):
         service = await started(peers, nested=nested, rate_limit=policy)
