@@ -882,13 +882,20 @@ async def test_a_failing_metrics_backend_never_fails_requests(
     assert len(shell.spans()) == 2
 
 
+class _Collected(AccessLog):
+    """An access log that keeps each request's fields in a list."""
+
+    def __init__(self, lines: list[dict[str, Any]]) -> None:
+        super().__init__(handler=None)
+        self.lines = lines
+
+    def emit(self, **fields: Any) -> None:
+        self.lines.append(fields)
+
+
 async def test_a_content_length_that_is_not_ascii_digits_is_not_trusted() -> None:
     # "\xb2" is "²" in latin-1, a digit to str.isdigit() but not a number to int().
     lines: list[dict[str, Any]] = []
-
-    class Lines(AccessLog):
-        def emit(self, **fields: Any) -> None:
-            lines.append(fields)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await receive()
@@ -899,7 +906,7 @@ async def test_a_content_length_that_is_not_ascii_digits_is_not_trusted() -> Non
         app,
         workload=WorkloadInfo(service="orders"),
         metrics=MeshMetrics(),
-        access_log=Lines(handler=None),
+        access_log=_Collected(lines),
     )
     scope = {
         "type": "http", "method": "POST", "path": "/", "raw_path": b"/", "query_string": b"",
@@ -922,10 +929,6 @@ async def test_a_content_length_that_is_not_ascii_digits_is_not_trusted() -> Non
 def test_a_wsgi_content_length_that_is_not_ascii_digits_is_not_trusted() -> None:
     lines: list[dict[str, Any]] = []
 
-    class Lines(AccessLog):
-        def emit(self, **fields: Any) -> None:
-            lines.append(fields)
-
     def app(environ: Any, start_response: Any) -> Iterable[bytes]:
         start_response("200 OK", [])
         return [b"ok"]
@@ -934,7 +937,7 @@ def test_a_wsgi_content_length_that_is_not_ascii_digits_is_not_trusted() -> None
         app,
         workload=WorkloadInfo(service="orders"),
         metrics=MeshMetrics(),
-        access_log=Lines(handler=None),
+        access_log=_Collected(lines),
     )
     environ = {
         "REQUEST_METHOD": "POST", "PATH_INFO": "/", "SERVER_NAME": "orders",
