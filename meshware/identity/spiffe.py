@@ -25,7 +25,7 @@ rule                      what it says
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meshware.exceptions import InvalidSpiffeId
 
@@ -91,10 +91,15 @@ class SpiffeId:
     Attributes:
         trust_domain: the trust domain, e.g. ``"cluster.local"``.
         path: the path, ``""`` or starting with ``/``, e.g. ``"/ns/default/sa/orders"``.
+        principal: Istio's principal form: ``cluster.local/ns/default/sa/orders``.
+        namespace: the namespace of a ``/ns/<ns>/sa/<sa>`` id, else ``None``.
     """
 
     trust_domain: str
     path: str = ""
+    # Derived once here: every request's metrics, log line and policy facts read them.
+    principal: str = field(init=False, repr=False, compare=False)
+    namespace: str | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         text = self.uri
@@ -105,6 +110,8 @@ class SpiffeId:
         if self.path and not self.path.startswith("/"):
             raise InvalidSpiffeId(text, "path-chars", "the path must start with '/'")
         _check_path(text, self.path)
+        object.__setattr__(self, "principal", f"{self.trust_domain}{self.path}")
+        object.__setattr__(self, "namespace", self._workload_part(2))
 
     @classmethod
     def parse(cls, value: str) -> SpiffeId:
@@ -149,24 +156,15 @@ class SpiffeId:
         return f"{_SCHEME}{self.trust_domain}{self.path}"
 
     @property
-    def principal(self) -> str:
-        """Istio's principal form: ``cluster.local/ns/default/sa/orders``."""
-        return f"{self.trust_domain}{self.path}"
-
-    @property
-    def namespace(self) -> str | None:
-        """The namespace of a ``/ns/<ns>/sa/<sa>`` id, else ``None``."""
-        parts = self.path.split("/")
-        if len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa":
-            return parts[2]
-        return None
-
-    @property
     def service_account(self) -> str | None:
         """The service account of a ``/ns/<ns>/sa/<sa>`` id, else ``None``."""
+        return self._workload_part(4)
+
+    def _workload_part(self, index: int) -> str | None:
+        # /ns/<namespace>/sa/<service account>: parts 2 and 4
         parts = self.path.split("/")
         if len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa":
-            return parts[4]
+            return parts[index]
         return None
 
     def __str__(self) -> str:

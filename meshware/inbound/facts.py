@@ -151,22 +151,11 @@ def _scope_host(scope: Mapping[str, Any]) -> str:
     return ""
 
 
-# The identity seen last and its (principal, namespace): the identity layer hands out the same
-# Identity object for every request of a caller it has resolved before.
-_last_caller: tuple[object, str | None, str | None] = (None, None, None)
-
-
 def _principal_fields(record: RequestRecord) -> tuple[str | None, str | None]:
-    global _last_caller
     identity = record.identity
     if identity is None:
         return None, None
-    last = _last_caller
-    if last[0] is identity:
-        return last[1], last[2]
-    principal, namespace = identity.principal, identity.namespace
-    _last_caller = (identity, principal, namespace)
-    return principal, namespace
+    return identity.principal, identity.namespace
 
 
 # RequestFacts is a frozen dataclass: its generated __init__ sets each of its twelve slots
@@ -298,13 +287,6 @@ def facts_from_scope(
         record = record_of(scope)
     facts = record.facts
     if facts is not None:
-        if (
-            path is None
-            and facts.route is record.route
-            and facts.request_principal is record.request_principal
-            and (not headers or facts.headers is not _UNCOLLECTED)
-        ):
-            return facts  # nothing learned since they were built
         return _current(facts, record, headers, scope_headers, scope, path)
     server = scope.get("server")
     client = scope.get("client")

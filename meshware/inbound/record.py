@@ -77,20 +77,3 @@ def record_of(mapping: MutableMapping[str, Any]) -> RequestRecord:
     if record is None:
         record = mapping[RECORD_KEY] = RequestRecord()
     return record  # type: ignore[no-any-return,unused-ignore]
-
-
-# The identity seen last and its principal: the identity layer hands out the same Identity
-# object for every request of a caller it has resolved before, and Identity.principal builds
-# a new string on each access.
-_last_principal: tuple[object, str] = (None, "")
-
-
-def principal_of(identity: Identity) -> str:
-    """``identity.principal``, remembered for the identity seen last."""
-    global _last_principal
-    last = _last_principal
-    if last[0] is identity:
-        return last[1]
-    principal = identity.principal
-    _last_principal = (identity, principal)
-    return principal

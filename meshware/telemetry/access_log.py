@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from meshware.exceptions import ConfigurationError
-from meshware.inbound.record import principal_of
 from meshware.telemetry.log_file import BufferedLineFile
 
 if TYPE_CHECKING:
@@ -447,7 +446,7 @@ class AccessLog:
         per combination and kept, with a copy of the fields dict to start from.
         """
         identity = record.identity
-        principal = None if identity is None else principal_of(identity)
+        principal = None if identity is None else identity.principal
         key = (
             method,
             route,

@@ -37,7 +37,6 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from meshware.exceptions import ConfigurationError
-from meshware.inbound.record import principal_of
 
 if TYPE_CHECKING:
     from meshware.identity.identity import Identity
@@ -891,7 +890,7 @@ class InboundRecorder:
     ) -> None:
         """:meth:`observe` with positional arguments, for the shells' per-request path."""
         if self._istio:
-            principal = None if identity is None else principal_of(identity)
+            principal = None if identity is None else identity.principal
             key: tuple[object, ...] = (principal, status, grpc, grpc_status, response_flags)
             children = self._children.get(key)
             if children is None:

@@ -13,7 +13,7 @@ from meshware.inbound import facts as facts_module
 from meshware.inbound.asgi.ratelimit import RateLimitCore
 from meshware.inbound.asgi.telemetry import new_request_id
 from meshware.inbound.facts import facts_from_scope, host_without_port
-from meshware.inbound.record import RequestRecord, principal_of
+from meshware.inbound.record import RequestRecord
 from meshware.policy.ratelimit import RateLimitDecision, RateLimitPolicy
 
 decisions = st.builds(
@@ -54,14 +54,19 @@ def test_request_ids_are_version_4_uuids() -> None:
         assert parsed.hex == request_id
 
 
-def test_principal_of_remembers_the_last_identity() -> None:
+def test_an_identity_keeps_its_principal_and_namespace() -> None:
     first = Identity(SpiffeId.parse("spiffe://cluster.local/ns/a/sa/one"), "xfcc")
     second = Identity(SpiffeId.parse("spiffe://cluster.local/ns/a/sa/two"), "xfcc")
 
-    assert principal_of(first) == "cluster.local/ns/a/sa/one"
-    assert principal_of(first) is principal_of(first)
-    assert principal_of(second) == "cluster.local/ns/a/sa/two"
-    assert principal_of(first) == "cluster.local/ns/a/sa/one"
+    assert first.principal == "cluster.local/ns/a/sa/one"
+    assert first.principal is first.principal
+    assert first.namespace is first.namespace == "a"
+    assert second.principal == "cluster.local/ns/a/sa/two"
+    assert first.principal == "cluster.local/ns/a/sa/one"
+    # Kept values are derived, not part of the id: equality and hashing are unchanged.
+    assert first.spiffe_id == SpiffeId("cluster.local", "/ns/a/sa/one")
+    assert hash(first.spiffe_id) == hash(SpiffeId("cluster.local", "/ns/a/sa/one"))
+    assert repr(first.spiffe_id) == "SpiffeId(trust_domain='cluster.local', path='/ns/a/sa/one')"
 
 
 def test_facts_take_the_caller_and_the_host() -> None:
