@@ -29,7 +29,6 @@ from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-u
 from django.http import HttpResponse  # type: ignore[import-untyped]
 
 from meshware.exceptions import ConfigurationError
-from meshware.inbound.asgi.ratelimit import RateLimitCore
 from meshware.inbound.facts import facts_from_environ, facts_from_scope
 from meshware.inbound.record import IDENTITY_KEY, RECORD_KEY, RequestRecord, record_of
 from meshware.policy.paths import InvalidPath
@@ -248,9 +247,8 @@ class MeshwareMiddleware:
         denied = core.decided(record, plan.authorizer.decide(facts))
         return None if denied is None else _json(403, denied)
 
-    @staticmethod
-    def _limited(carrier: Carrier, record: RequestRecord, decision: RateLimitDecision) -> Any:
-        verdict = RateLimitCore.decided(record, decision)
+    def _limited(self, carrier: Carrier, record: RequestRecord, decision: RateLimitDecision) -> Any:
+        verdict = self.mesh.limiter.decided(record, decision)
         if isinstance(verdict, tuple):
             status, body, headers = verdict
             return _json(status, body, headers)

@@ -196,16 +196,21 @@ class FusedLayers:
             tls = extensions.get("tls")
             if tls:
                 chain = tuple(tls.get("client_cert_chain") or ()) or None
+        # A longer forwarded certificate is verified on every request: no plan is kept for it.
         key = (
-            scope["method"],
-            scope["path"],
-            scope.get("raw_path"),
-            scope.get("root_path", ""),
-            host,
-            client[0] if client else None,
-            server[1] if server else None,
-            xfcc,
-            chain,
+            None
+            if xfcc is not None and len(xfcc) > _MAX_XFCC
+            else (
+                scope["method"],
+                scope["path"],
+                scope.get("raw_path"),
+                scope.get("root_path", ""),
+                host,
+                client[0] if client else None,
+                server[1] if server else None,
+                xfcc,
+                chain,
+            )
         )
         if deadline is None:
             await self._serve(scope, receive, send, record, key)
@@ -219,9 +224,9 @@ class FusedLayers:
         receive: Receive,
         send: Send,
         record: RequestRecord,
-        key: tuple[object, ...],
+        key: tuple[object, ...] | None,
     ) -> None:
-        plan = self._plans.get(key)
+        plan = None if key is None else self._plans.get(key)
         if plan is not None and (
             plan.expires <= _time() or (plan.bundles is not None and self._stale(plan.bundles))
         ):
@@ -246,23 +251,20 @@ class FusedLayers:
                 charges = plan.charges
             else:
                 charges = None
-            if charges is not None:
-                core = self._ratelimit
-                if core is not None:  # charges come from the rate-limit core
-                    limiter = core.limiter
-                    decision = (
-                        limiter.charge(charges)
-                        if limiter.in_process
-                        else await limiter.charge_async(charges)
-                    )
-                    if not decision.allowed:
-                        status, body, headers = core.refused(record, decision)
-                        await send_json(send, status, body, headers)
-                        return
-                    core.note(record, decision)
-                    extra = core.encoded(decision)
-                    if extra:
-                        record.response_headers = extra
+            core = self._ratelimit
+            if charges is not None and core is not None:  # charges come from that core
+                limiter = core.limiter
+                decision = (
+                    limiter.charge(charges)
+                    if limiter.in_process
+                    else await limiter.charge_async(charges)
+                )
+                verdict = core.decided(record, decision, asgi=True)
+                if isinstance(verdict, tuple):
+                    await send_json(send, *verdict)
+                    return
+                if verdict:
+                    record.response_headers = verdict
             await self._app(scope, receive, send)
         finally:
             if saved is not None:
@@ -273,14 +275,14 @@ class FusedLayers:
         return self._verifier is not None and self._verifier.bundles is not bundles
 
     def _decide(
-        self, scope: Scope, record: RequestRecord, key: tuple[object, ...]
+        self, scope: Scope, record: RequestRecord, key: tuple[object, ...] | None
     ) -> tuple[tuple[int, bytes] | None, SavedPath | None, _Plan | None]:
         """Run the layers' cores as the nested layers would.
 
         Returns:
             ``(refusal, saved, plan)``: an identity refusal or a 400 to send (then no plan),
-            the path to restore, and the plan (kept for requests of the same shape when it may
-            be; a 403 is the plan's refusal).
+            the path to restore, and the plan (kept under ``key``, unless that is ``None``,
+            when it may be; a 403 is the plan's refusal).
         """
         identity = self._identity
         if identity is not None:
@@ -317,12 +319,11 @@ class FusedLayers:
             facts=facts,
             charges=charges,
         )
-        keep = (
-            record.identity_error is None
+        if (
+            key is not None
+            and record.identity_error is None
             and (facts is None or not has_headers(facts))
-            and (key[7] is None or len(key[7]) <= _MAX_XFCC)  # type: ignore[arg-type]
-        )
-        if keep:
+        ):
             plans = self._plans
             if len(plans) >= self._size:
                 with contextlib.suppress(StopIteration, KeyError, RuntimeError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping, Sequence
 from math import ceil as _ceil
-from typing import Any, Final
+from typing import Any, Final, Literal, TypeAlias, overload
 
 from meshware.exceptions import ConfigurationError
 from meshware.inbound.facts import facts_from_scope
@@ -35,6 +35,8 @@ __all__ = ["RateLimitCore", "RateLimitMiddleware"]
 _LIMITED_BODY: Final = json_body(429, "too_many_requests", "rate limit exceeded")
 _UNAVAILABLE_BODY: Final = json_body(503, "service_unavailable", "rate limit backend unavailable")
 _NO_RULES: tuple[RateLimitRule, ...] = ()
+# The status, body and header fields of a refused request.
+_Refusal: TypeAlias = "tuple[int, bytes, list[tuple[str, str]]]"
 _LOWER: Final = {
     name: name.lower().encode("latin-1")
     for name in (
@@ -170,25 +172,33 @@ class RateLimitCore:
                 decision.shadow_rule if outcome == "shadow-limited" else decision.rule
             )
 
-    @staticmethod
+    @overload
     def decided(
-        record: RequestRecord, decision: RateLimitDecision
-    ) -> tuple[int, bytes, list[tuple[str, str]]] | list[tuple[str, str]]:
+        self, record: RequestRecord, decision: RateLimitDecision, *, asgi: Literal[True]
+    ) -> _Refusal | list[tuple[bytes, bytes]]: ...
+
+    @overload
+    def decided(
+        self, record: RequestRecord, decision: RateLimitDecision, *, asgi: Literal[False] = False
+    ) -> _Refusal | list[tuple[str, str]]: ...
+
+    def decided(
+        self, record: RequestRecord, decision: RateLimitDecision, *, asgi: bool = False
+    ) -> _Refusal | list[tuple[str, str]] | list[tuple[bytes, bytes]]:
         """Note the verdict on the record.
 
         Returns:
             ``(status, body, headers)`` to answer with, or the header fields to add to the
-            application's response (possibly none).
+            application's response (possibly none): ``(name, value)`` text pairs, or with
+            ``asgi`` the ASGI pairs of :meth:`encoded`.
         """
-        if decision.allowed:
-            RateLimitCore.note(record, decision)
-            return decision.headers()
-        return RateLimitCore.refused(record, decision)
+        if not decision.allowed:
+            return self.refused(record, decision)
+        self.note(record, decision)
+        return self.encoded(decision) if asgi else decision.headers()
 
     @staticmethod
-    def refused(
-        record: RequestRecord, decision: RateLimitDecision
-    ) -> tuple[int, bytes, list[tuple[str, str]]]:
+    def refused(record: RequestRecord, decision: RateLimitDecision) -> _Refusal:
         """Note a verdict that refuses the request; return ``(status, body, headers)``."""
         RateLimitCore.note(record, decision)
         if decision.backend_error:
@@ -266,16 +276,14 @@ class RateLimitMiddleware:
         if charges is None:
             await self.app(scope, receive, send)
             return
-        decision = await core.limiter.charge_async(charges)
-        if not decision.allowed:
-            status, body, headers = core.refused(record, decision)
+        verdict = core.decided(record, await core.limiter.charge_async(charges), asgi=True)
+        if isinstance(verdict, tuple):
             if kind == "http":
-                await send_json(send, status, body, headers)
+                await send_json(send, *verdict)
             else:
                 await send({"type": "websocket.close", "code": 1013})
             return
-        core.note(record, decision)
-        extra = core.encoded(decision) if kind == "http" else None
+        extra = verdict if kind == "http" else None
         if not extra:
             await self.app(scope, receive, send)
             return

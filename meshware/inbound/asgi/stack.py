@@ -8,7 +8,7 @@ when :class:`~meshware.inbound.stack.InboundConfig` calls for it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from meshware.inbound.asgi.authz import AuthorizationMiddleware
 from meshware.inbound.asgi.deadline import DeadlineMiddleware
@@ -117,19 +117,25 @@ def _fuse(stack: MeshStack) -> None:
     if not layers or not isinstance(layers[0], TelemetryMiddleware):
         return
     telemetry = layers[0]
-    found = {type(layer): layer for layer in layers[1:]}
-    if JwtAuthenticationMiddleware in found:
+    if _layer(layers, JwtAuthenticationMiddleware) is not None:
         return
-    health = found.get(HealthMiddleware)
-    deadline = found.get(DeadlineMiddleware)
-    authz = found.get(AuthorizationMiddleware)
-    ratelimit = found.get(RateLimitMiddleware)
+    deadline = _layer(layers, DeadlineMiddleware)
+    authz = _layer(layers, AuthorizationMiddleware)
+    ratelimit = _layer(layers, RateLimitMiddleware)
     telemetry.handler = FusedLayers(
         stack.app,
         layered=telemetry.app,
-        health=health if isinstance(health, HealthMiddleware) else None,
-        deadline=deadline.core if isinstance(deadline, DeadlineMiddleware) else None,
-        identity=found.get(IdentityMiddleware),
-        authz=authz.core if isinstance(authz, AuthorizationMiddleware) else None,
-        ratelimit=ratelimit.core if isinstance(ratelimit, RateLimitMiddleware) else None,
+        health=_layer(layers, HealthMiddleware),
+        deadline=None if deadline is None else deadline.core,
+        identity=_layer(layers, IdentityMiddleware),
+        authz=None if authz is None else authz.core,
+        ratelimit=None if ratelimit is None else ratelimit.core,
     )
+
+
+_L = TypeVar("_L")
+
+
+def _layer(layers: tuple[Any, ...], kind: type[_L]) -> _L | None:
+    """The stack's layer of class ``kind``, or ``None``."""
+    return next((layer for layer in layers if type(layer) is kind), None)
