@@ -260,18 +260,16 @@ class CircuitBreaker:
                     self._consecutive += 1
                     tripped = self._consecutive >= threshold and len(failing) >= sources
                 else:
-                    if len(failing) > _MAX_SOURCES:  # endpoints come and go: forget old ones
-                        self._failing = failing = {
-                            key: at for key, at in failing.items() if now - at <= window
-                        }
                     failures = self._failures
                     failures.append(now)
                     tripped = len(failures) == threshold and now - failures[0] <= window
-                    if tripped and sources > 1:
-                        recent = [key for key, at in failing.items() if now - at <= window]
-                        if len(recent) < len(failing):
-                            self._failing = {key: failing[key] for key in recent}
-                        tripped = len(recent) >= sources
+                    if (tripped and sources > 1) or len(failing) > _MAX_SOURCES:
+                        # Only sources that failed within the window count (and are kept:
+                        # endpoints come and go).
+                        self._failing = failing = {
+                            key: at for key, at in failing.items() if now - at <= window
+                        }
+                        tripped = tripped and len(failing) >= sources
                 if tripped:
                     self._open(now)
                     transition = (BreakerState.CLOSED, BreakerState.OPEN)
