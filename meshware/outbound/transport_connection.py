@@ -629,6 +629,7 @@ class _ConnectionCore(Generic[_P]):
         http2: bool,
         state: OutboundState | None,
         own_plaintext: bool,
+        pool_plaintext: bool,
         clock: Callable[[], float],
         reload_interval: float,
         new_pool: Callable[[dict[str, Any], _Verify | None, int | None], _P],
@@ -691,7 +692,7 @@ class _ConnectionCore(Generic[_P]):
         self.own_plaintext = own_plaintext and state is not None
         # Whether plaintext mesh calls use this layer's pools even with nothing to apply per
         # connection (the async layer: see _answer_readable_directly).
-        self.pool_plaintext = False
+        self.pool_plaintext = pool_plaintext and self.own_plaintext
         self.new_pool: Callable[[dict[str, Any], _Verify | None, int | None], _P] = new_pool
         self.lock = threading.Lock()
         self.pools: dict[_PoolKey, _Pool[_P]] = {}
@@ -725,9 +726,7 @@ class _ConnectionCore(Generic[_P]):
         pool_limits = None
         state = self.state
         if state is not None and (tls is not None or self.own_plaintext):
-            seen = self.rules_seen
-            if seen[1] or seen[0] is not state.rules:  # else no rule shapes connections
-                pool_limits = self.pool_limits(state, destination, plan.subset)
+            pool_limits = self.pool_limits(state, destination, plan.subset)
         if tls is None and pool_limits is None and not self.pool_plaintext:
             return None
         return self.pool(destination, tls, pool_limits)
@@ -837,11 +836,11 @@ class _ConnectionLayer(AttemptStamper, Generic[_P, _T]):
             http2,
             state,
             passthrough is None,
+            self._pool_plaintext,
             clock,
             reload_interval,
             self._new_pool,
         )
-        self._core.pool_plaintext = self._pool_plaintext and self._core.own_plaintext
         self._passthrough: _T = (
             passthrough if passthrough is not None else self._new_passthrough(limits, http2)
         )
