@@ -64,7 +64,6 @@ if TYPE_CHECKING:
     from meshware.outbound.destination import DestinationRule
     from meshware.outbound.retry import RetryPolicy
     from meshware.outbound.routing import VirtualService
-    from meshware.telemetry.access_log import AccessLog
     from meshware.telemetry.tracing import TracingConfig
 
 __all__ = [
@@ -788,17 +787,6 @@ class MeshSettings:
         except ConfigurationError as exc:
             raise _renamed(exc) from exc
 
-    def _access_log(self) -> bool | AccessLog:
-        # The file is opened here, when the stack is built, so a bad path stops startup.
-        if not self.access_log or self.access_log_file is None:
-            return self.access_log
-        from meshware.telemetry.access_log import AccessLog
-
-        try:
-            return AccessLog(file=self.access_log_file)
-        except ConfigurationError as exc:
-            raise exc.moved("access_log_file", self.access_log_file) from None
-
     def _inbound_kwargs(self, **overrides: Any) -> dict[str, Any]:
         from meshware.inbound.health import HealthChecks
         from meshware.telemetry.metrics import MeshMetrics
@@ -817,14 +805,16 @@ class MeshSettings:
             "rate_limit": self.rate_limit,
             "metrics_path": self.metrics_path if self.metrics else None,
             "tracing": self.tracing_config(),
-            "access_log": overrides["access_log"]
-            if "access_log" in overrides
-            else self._access_log(),
             "deadlines": self.deadlines,
             "default_timeout": self.default_timeout,
             "max_timeout": self.max_timeout,
         }
         kwargs.update(overrides)
+        if "access_log" not in kwargs:
+            # The file is opened here, when the stack is built, so a bad path stops startup.
+            from meshware.telemetry.access_log import access_log_of
+
+            kwargs["access_log"] = access_log_of(self.access_log, self.access_log_file)
         if "health" not in kwargs:
             kwargs["health"] = HealthChecks() if self.health else None
         if "metrics" not in kwargs:

@@ -114,12 +114,11 @@ class ServeOptions:
             )
         if self.access_log and self.access_log_file is not None:
             # Opened once here so that a bad path stops startup, before workers are forked.
-            from meshware.telemetry.log_file import BufferedLineFile
+            from meshware.telemetry.access_log import AccessLog, access_log_of
 
-            try:
-                BufferedLineFile(self.access_log_file).close()
-            except ConfigurationError as exc:
-                raise exc.moved("access_log_file", self.access_log_file) from None
+            log = access_log_of(True, self.access_log_file)
+            if isinstance(log, AccessLog):
+                log.close()
 
 
 def import_app(reference: str) -> Any:
@@ -174,14 +173,6 @@ def _bundle_source(tls: ReloadingServerTLS | None, options: ServeOptions) -> Any
         return lambda: tls.bundles
     bundle = ServicePaths.under(options.cert_dir, options.service, options.namespace).bundle
     return str(bundle) if bundle.exists() else None
-
-
-def _access_log(options: ServeOptions) -> Any:
-    if not options.access_log or options.access_log_file is None:
-        return options.access_log
-    from meshware.telemetry.access_log import AccessLog
-
-    return AccessLog(file=options.access_log_file)
 
 
 def _routes(app: Any) -> Any:
@@ -243,6 +234,7 @@ def inbound_app(
         return WsgiIdentity(app, resolver=resolver)
 
     from meshware.inbound.stack import InboundConfig
+    from meshware.telemetry.access_log import access_log_of
     from meshware.telemetry.tracing import TracingConfig
 
     tracing = None
@@ -259,7 +251,7 @@ def inbound_app(
         "bundle": bundles,
         "trusted_proxies": options.trusted_proxies,
         "tracing": tracing,
-        "access_log": _access_log(options),
+        "access_log": access_log_of(options.access_log, options.access_log_file),
         "routes": _routes(app),
     }
     if watcher is not None:

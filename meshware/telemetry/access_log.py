@@ -23,7 +23,7 @@ from meshware.telemetry.log_file import BufferedLineFile
 if TYPE_CHECKING:
     from meshware.inbound.record import RequestRecord
 
-__all__ = ["ACCESS_LOGGER", "AccessLog", "clean_text", "rfc3339_ms"]
+__all__ = ["ACCESS_LOGGER", "AccessLog", "access_log_of", "clean_text", "rfc3339_ms"]
 
 ACCESS_LOGGER: Final = "meshware.access"
 """Name of the logger the access log writes to by default."""
@@ -585,3 +585,19 @@ class AccessLog:
         if not self._failed:
             self._failed = True
             _internal_log.warning("could not write an access log line", exc_info=True)
+
+
+def access_log_of(enabled: bool, file: str | None) -> bool | AccessLog:
+    """What ``InboundConfig.access_log`` takes for the ``access_log`` and ``access_log_file``
+    settings: ``enabled`` itself, or an :class:`AccessLog` writing to ``file`` (opened now).
+
+    Raises:
+        ConfigurationError: ``file`` cannot be opened for appending; ``field`` is
+            ``"access_log_file"``.
+    """
+    if not enabled or file is None:
+        return enabled
+    try:
+        return AccessLog(file=file)
+    except ConfigurationError as exc:
+        raise exc.moved("access_log_file", file) from None
