@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import random
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +25,16 @@ from meshware.outbound.call import TIMEOUT_KEY
 from meshware.outbound.client import OutboundConfig, mesh_client, mesh_sync_client
 from meshware.outbound.deadline import Deadline, deadline_scope, parse_timeout
 from meshware.outbound.destination import DestinationRule
-from meshware.outbound.discovery import EnvResolver, StaticRegistry
-from meshware.outbound.endpoints import Endpoint
+from meshware.outbound.discovery import EnvResolver
 from meshware.outbound.errors import DeadlineExceeded
 from meshware.outbound.mirror import MirrorObserver
 from meshware.outbound.routing import RouteTable
 from meshware.telemetry.metrics import MeshMetrics
-from tests.reliability.mesh_instances import samples
-from tests.servers import issue_pki, kill_server, meshware_serve
+from tests.reliability.mesh_instances import Instance, executed, registry, samples, start
+from tests.servers import issue_pki, kill_server
 
 pytestmark = pytest.mark.integration
 
-BACKEND = "tests.integration.apps:backend"
 MIDDLE = "tests.integration.apps:middle"
 SERVICES = ("frontend", "catalog", "hop-a", "hop-b", "hop-c")
 
@@ -57,72 +52,6 @@ SUBSETS = DestinationRule.from_mapping(
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return issue_pki(tmp_path_factory.mktemp("pki"), *SERVICES)
-
-
-@dataclass(frozen=True)
-class Instance:
-    """One running server process of a service."""
-
-    service: str
-    name: str
-    version: str
-    port: int
-    log: Path
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return Endpoint("127.0.0.1", self.port, labels={"version": self.version})
-
-    def requests(self, prefix: str = "") -> list[dict[str, Any]]:
-        """The requests this instance executed whose ``x-request-id`` starts with ``prefix``."""
-        if not self.log.exists():
-            return []
-        lines = [json.loads(line) for line in self.log.read_text().splitlines()]
-        return [line for line in lines if line["request_id"].startswith(prefix)]
-
-
-def start(
-    stack: contextlib.ExitStack,
-    pki: Path,
-    service: str,
-    name: str,
-    *,
-    version: str = "v1",
-    app: str = BACKEND,
-    env: dict[str, str] | None = None,
-) -> Instance:
-    """Start one instance inside ``stack`` (stopped when it closes)."""
-    log = pki.parent / f"{name}-{os.urandom(4).hex()}.jsonl"
-    settings = {
-        "MESH_TEST_SERVICE": service,
-        "MESH_TEST_INSTANCE": name,
-        "MESH_TEST_VERSION": version,
-        "MESH_TEST_LOG": str(log),
-        **(env or {}),
-    }
-    port = stack.enter_context(
-        meshware_serve(
-            app,
-            service=service,
-            cert_dir=pki,
-            env=settings,
-            log=pki.parent / f"serve-{name}-{log.stem}.log",
-        )
-    )
-    return Instance(service, name, version, port, log)
-
-
-def registry(*instances: Instance) -> StaticRegistry:
-    services: dict[str, list[Endpoint]] = {}
-    for instance in instances:
-        services.setdefault(instance.service, []).append(instance.endpoint)
-    return StaticRegistry(services)
-
-
-def ids_executed(instances: tuple[Instance, ...] | list[Instance], prefix: str) -> Counter[str]:
-    return Counter(
-        line["request_id"] for instance in instances for line in instance.requests(prefix)
-    )
 
 
 class FakeClock:
@@ -179,7 +108,7 @@ async def test_a_killed_instance_is_ejected_and_no_call_fails(pki: Path) -> None
         config = OutboundConfig(
             service="frontend",
             cert_dir=pki,
-            resolver=registry(*instances),
+            resolver=registry(instances),
             destinations=(rule,),
             metrics=metrics,
         )
@@ -206,8 +135,8 @@ async def test_a_killed_instance_is_ejected_and_no_call_fails(pki: Path) -> None
     assert set(served[:100]) == {"e1", "e2", "e3"}
     assert set(served[100:]) == {"e1", "e3"}
     # Each request executed exactly once, counted at the servers (the killed one included).
-    executed = ids_executed(instances, "eject-")
-    assert executed == Counter({f"eject-{n}": 1 for n in range(300)})
+    counts = executed(instances, "eject-")
+    assert counts == Counter({f"eject-{n}": 1 for n in range(300)})
     assert all(int(line["request_id"][6:]) < 100 for line in victim.requests("eject-"))
     # One connect failure reached the dead endpoint: it was retried and ejected, and no
     # attempt went there again.
@@ -251,7 +180,7 @@ async def test_canary_weights_and_header_routing(
     config = OutboundConfig(
         service="frontend",
         cert_dir=pki,
-        resolver=registry(*catalog),
+        resolver=registry(catalog),
         routes=CANARY,
         destinations=(SUBSETS,),
     )
@@ -279,7 +208,7 @@ async def test_canary_weights_and_header_routing(
     assert instances["c3"] == versions["v2"]  # v2 is c3 alone; v1 is c1 and c2, round robin
     assert abs(instances["c1"] - instances["c2"]) <= 1
     assert {answer["instance"] for answer in tester} == {"c3"}
-    assert ids_executed(catalog, "canary-") == Counter({f"canary-{n}": 1 for n in range(2050)})
+    assert executed(catalog, "canary-") == Counter({f"canary-{n}": 1 for n in range(2050)})
 
 
 # --- 3. mirroring -------------------------------------------------------------------------------
@@ -312,7 +241,7 @@ async def test_mirroring_copies_half_the_calls_without_delaying_them(pki: Path) 
         config = OutboundConfig(
             service="frontend",
             cert_dir=pki,
-            resolver=registry(v1, v2),
+            resolver=registry([v1, v2]),
             routes=MIRROR,
             destinations=(SUBSETS,),
             mirror_observer=observer,
@@ -340,7 +269,7 @@ async def test_mirroring_copies_half_the_calls_without_delaying_them(pki: Path) 
         shadowed = v2.requests("mirror-")
 
     assert {answer["instance"] for answer in answers} == {"m1"}  # only v1 answers
-    assert ids_executed([v1], "mirror-") == Counter({f"mirror-{n}": 1 for n in range(400)})
+    assert executed([v1], "mirror-") == Counter({f"mirror-{n}": 1 for n in range(400)})
     # Binomial(400, 0.5): one standard deviation is 10 copies; 50 is five of them.
     assert 150 <= len(shadowed) <= 250
     assert observer.snapshot() == {
@@ -409,7 +338,7 @@ def chain(pki: Path) -> Iterator[tuple[Instance, Instance, Instance]]:
 
 
 def edge_config(pki: Path, a: Instance) -> OutboundConfig:
-    return OutboundConfig(service="frontend", cert_dir=pki, resolver=registry(a))
+    return OutboundConfig(service="frontend", cert_dir=pki, resolver=registry([a]))
 
 
 async def test_the_deadline_shrinks_at_every_hop(
@@ -463,7 +392,7 @@ async def test_a_spent_deadline_fails_fast_without_reaching_the_server(
 def test_sync_client_round_robin_and_safe_retries(
     pki: Path, catalog: tuple[Instance, Instance, Instance]
 ) -> None:
-    config = OutboundConfig(service="frontend", cert_dir=pki, resolver=registry(*catalog))
+    config = OutboundConfig(service="frontend", cert_dir=pki, resolver=registry(catalog))
     with mesh_sync_client(config, rng=random.Random(5)) as client:
         order = [
             client.get("http://catalog/items", headers={"x-request-id": f"sync-rr-{n}"}).json()[
@@ -482,8 +411,8 @@ def test_sync_client_round_robin_and_safe_retries(
     assert order == order[:3] * 3
     assert post.status_code == 503
     assert get.status_code == 503
-    executed = ids_executed(catalog, "sync-")
-    assert executed["sync-post"] == 1  # a POST is not repeated after a 503
-    assert executed["sync-get"] == 3  # a GET is: the default policy's two retries
+    counts = executed(catalog, "sync-")
+    assert counts["sync-post"] == 1  # a POST is not repeated after a 503
+    assert counts["sync-get"] == 3  # a GET is: the default policy's two retries
     tried = [line["instance"] for i in catalog for line in i.requests("sync-get")]
     assert sorted(tried) == ["c1", "c2", "c3"]  # each retry went to another instance

@@ -19,7 +19,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,10 +49,11 @@ class Instance:
     name: str
     port: int
     log: Path
+    version: str = "v1"
 
     @property
     def endpoint(self) -> Endpoint:
-        return Endpoint("127.0.0.1", self.port)
+        return Endpoint("127.0.0.1", self.port, labels={"version": self.version})
 
     @property
     def address(self) -> str:
@@ -66,25 +67,39 @@ class Instance:
         return [line for line in lines if line["request_id"].startswith(prefix)]
 
 
-def start(stack: contextlib.ExitStack, pki: Path, service: str, name: str) -> Instance:
-    """Start one instance of ``service`` inside ``stack`` (stopped when the stack closes)."""
+def start(
+    stack: contextlib.ExitStack,
+    pki: Path,
+    service: str,
+    name: str,
+    *,
+    version: str = "v1",
+    app: str = BACKEND,
+    env: dict[str, str] | None = None,
+    args: Sequence[str] = (),
+) -> Instance:
+    """Start one instance of ``service`` inside ``stack`` (stopped when the stack closes):
+    ``app`` served by ``meshware serve`` with ``args``, labelled ``version``, with ``env``
+    added to its environment."""
     log = pki.parent / f"{name}-{os.urandom(4).hex()}.jsonl"
     settings = {
         "MESH_TEST_SERVICE": service,
         "MESH_TEST_INSTANCE": name,
+        "MESH_TEST_VERSION": version,
         "MESH_TEST_LOG": str(log),
+        **(env or {}),
     }
     port = stack.enter_context(
         meshware_serve(
-            BACKEND,
+            app,
             service=service,
             cert_dir=pki,
             env=settings,
-            args=["--no-access-log"],
+            args=args,
             log=pki.parent / f"serve-{name}-{log.stem}.log",
         )
     )
-    return Instance(service, name, port, log)
+    return Instance(service, name, port, log, version)
 
 
 def registry(instances: Iterable[Instance]) -> StaticRegistry:
@@ -192,7 +207,9 @@ async def kill_under_load(
     outcome = KillOutcome()
     metrics = MeshMetrics()
     with contextlib.ExitStack() as stack:
-        instances = [start(stack, pki, service, f"k{n}") for n in (1, 2, 3)]
+        instances = [
+            start(stack, pki, service, f"k{n}", args=["--no-access-log"]) for n in (1, 2, 3)
+        ]
         victim = instances[1]
         outcome.victim = victim.address
         resolver = registry(instances)

@@ -99,7 +99,9 @@ def test_the_killed_endpoint_is_ejected(outcome: KillOutcome) -> None:
 
 async def _burst_on_a_dying_instance(pki: Path) -> tuple[Counter[str], Counter[str]]:
     with contextlib.ExitStack() as stack:
-        instances = [start(stack, pki, "catalog", f"b{n}") for n in (1, 2, 3)]
+        instances = [
+            start(stack, pki, "catalog", f"b{n}", args=["--no-access-log"]) for n in (1, 2, 3)
+        ]
         config = OutboundConfig(
             service="frontend",
             cert_dir=pki,
