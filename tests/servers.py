@@ -10,8 +10,9 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MESHWARE = [sys.executable, "-m", "meshware.cli"]
@@ -130,3 +131,17 @@ def client_context(pki: str | os.PathLike[str], service: str | None) -> ssl.SSLC
         paths = ServicePaths.under(pki, service, "default")
         ctx.load_cert_chain(paths.cert, paths.key)
     return ctx
+
+
+async def answer_lifespan(
+    receive: Callable[[], Awaitable[dict[str, Any]]],
+    send: Callable[[dict[str, Any]], Awaitable[None]],
+) -> None:
+    """Speak the ASGI lifespan protocol for a test app that has nothing to start or stop."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -28,7 +28,7 @@ from meshware.outbound.reloadable import apply_destination_rules
 from meshware.outbound.transport_connection import AsyncConnectionTransport, ConnectionTransport
 from meshware.outbound.transports import OutboundState
 from meshware.telemetry.metrics import WorkloadInfo
-from tests.servers import issue_pki, meshware_serve
+from tests.servers import answer_lifespan, issue_pki, meshware_serve
 
 pytestmark = pytest.mark.integration
 
@@ -41,13 +41,8 @@ IDLE_WAIT = 0.6
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Answers with the client port of the request's connection (served, not called here)."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send)
+        return
     body = str(scope["client"][1]).encode()
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": body})

@@ -6,6 +6,8 @@ import asyncio
 import time
 from typing import Any
 
+from tests.servers import answer_lifespan
+
 
 def _principal(identity: Any) -> bytes:
     return (identity.principal if identity is not None else "anonymous").encode()
@@ -13,13 +15,8 @@ def _principal(identity: Any) -> bytes:
 
 async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send)
+        return
     if scope["path"] == "/slow":
         await asyncio.sleep(1.5)
     body = _principal(scope.get("meshware.identity")) + b" " + scope["scheme"].encode()
