@@ -484,6 +484,8 @@ class AsyncRoutingTransport(httpx.AsyncBaseTransport):
         self._stamp = not stamped_below(inner)
         self._sleep = sleep if sleep is not None else asyncio.sleep
         self._tasks: set[asyncio.Task[None]] = set()
+        # Copies whose outcome is already counted (a response, then reading its body).
+        self._answered: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @property
@@ -545,6 +547,9 @@ class AsyncRoutingTransport(httpx.AsyncBaseTransport):
             return
         try:
             router.record(call_id, "mirror", plan, start, response, None)
+            task = asyncio.current_task()
+            if task is not None:
+                self._answered.add(task)
             await response.aread()
         except Exception:  # a body that fails to arrive changes nothing for the real call
             pass
@@ -553,7 +558,10 @@ class AsyncRoutingTransport(httpx.AsyncBaseTransport):
 
     def _copy_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if task.cancelled():
+        if task in self._answered:
+            # Cancelled while reading a body: already counted among the responses.
+            self._answered.discard(task)
+        elif task.cancelled():
             self._router._observer._count("cancelled")
 
     async def aclose(self) -> None:

@@ -533,6 +533,29 @@ async def test_async_aclose_cancels_copies_in_flight() -> None:
     await client.aclose()  # closing twice is harmless
 
 
+async def test_async_a_copy_answered_before_aclose_is_a_response_not_a_cancellation() -> None:
+    never = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        await never.wait()  # the mirror's body never finishes arriving
+        yield b""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if is_copy(request):
+            return httpx.Response(200, content=body())
+        return httpx.Response(200)
+
+    client, transport = make_async(handler)
+    await client.get("http://httpbin/")
+    for _ in range(5):  # let the copy get its response and start reading the body
+        await asyncio.sleep(0)
+    assert transport.mirror_observer.responses == 1
+    await client.aclose()
+    observer = transport.mirror_observer
+    assert (observer.mirrored, observer.responses, observer.cancelled) == (1, 1, 0)
+    assert transport.pending_mirrors == 0
+
+
 async def test_async_copies_beyond_the_limit_are_dropped() -> None:
     never = asyncio.Event()
 
